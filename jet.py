@@ -1,0 +1,509 @@
+"""Jet: a normalizing flow made only of ViT-parameterised affine couplings, in pure JAX.
+
+Kolesnikov, Susano Pinto, Tschannen. "Jet: A Modern Transformer-Based Normalizing Flow",
+arXiv 2412.15129 (TMLR 2025). Semantics follow the official code, big_vision
+`models/proj/jet/jet.py`; every difference is listed in README.md.
+
+Notation (used in every comment and name below):
+  B      batch size
+  H W C  image height, width, channels; images live in [-1, 1]
+  P      patch size; the image becomes a grid of (H/P) x (W/P) patches
+  N      number of tokens (patches), N = (H/P) * (W/P)
+  D      dims per token, D = P * P * C
+  x1 x2  the two halves of a coupling's input; x1 passes through unchanged
+  b s    bias and raw scale predicted from x1 by a ViT
+  k      scale factor: y2 = (x2 + b(x1)) * sigmoid(s(x1)) * k
+
+The flow z = f(x) patchifies x and applies `depth` couplings; z ~ N(0, I).
+Every coupling sees N tokens of width D/2 (x1) and predicts N tokens of width D (b and s),
+whatever its kind, so all couplings share shapes and run under one `jax.lax.scan`.
+"""
+
+import dataclasses
+import itertools
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("channels", "spatial")
+CHANNEL_PROJS = ("random",)
+SPATIAL_PROJS = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv",
+                 "hstripes", "hstripes-inv")
+
+
+# ------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static model description; frozen and hashable, so it can be a static jit argument."""
+
+    image_shape: tuple[int, int, int] = (32, 32, 3)  # (H, W, C)
+    patch_size: int = 4  # P
+    depth: int = 8  # number of couplings
+    block_depth: int = 1  # ViT blocks inside each coupling
+    emb_dim: int = 256  # ViT width
+    num_heads: int = 4  # attention heads; must divide emb_dim
+    mlp_dim: int | None = None  # ViT MLP hidden width; None means 4 * emb_dim (big_vision)
+    scale_factor: float = 2.0  # k: the coupling scale sigmoid(s) * k lies in (0, k)
+    kinds: tuple[str, ...] = ("channels", "channels", "spatial")  # cycled over couplings
+    channel_projs: tuple[str, ...] = ("random",)  # cycled over channel couplings
+    spatial_projs: tuple[str, ...] = ("checkerboard", "checkerboard-inv")  # cycled, spatial
+
+    def __post_init__(self):
+        for name in ("image_shape", "kinds", "channel_projs", "spatial_projs"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # lists from JSON
+        _validate(self)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Token grid (H/P, W/P)."""
+        return self.image_shape[0] // self.patch_size, self.image_shape[1] // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:  # N
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def token_dim(self) -> int:  # D
+        return self.patch_size ** 2 * self.image_shape[2]
+
+    def couplings(self) -> tuple[tuple[str, str], ...]:
+        """(kind, projection) of each coupling, cycled as big_vision's _interleave_couplings."""
+        kinds, cp, sp = (itertools.cycle(t) for t in (self.kinds, self.channel_projs,
+                                                      self.spatial_projs))
+        out = []
+        for _ in range(self.depth):
+            kind = next(kinds)
+            out.append((kind, next(cp) if kind == "channels" else next(sp)))
+        return tuple(out)
+
+
+def _validate(cfg: Config) -> None:
+    """Raises ValueError naming the field to change; run once, at construction."""
+    def fail(msg):
+        raise ValueError(f"Invalid jet.Config: {msg}")
+
+    if len(cfg.image_shape) != 3 or any(not isinstance(s, int) or s <= 0
+                                        for s in cfg.image_shape):
+        fail(f"image_shape must be three positive ints (H, W, C), got {cfg.image_shape}.")
+    for name in ("patch_size", "depth", "block_depth", "emb_dim", "num_heads"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value <= 0:
+            fail(f"{name} must be a positive int, got {value!r}.")
+    if cfg.mlp_dim is not None and (not isinstance(cfg.mlp_dim, int) or cfg.mlp_dim <= 0):
+        fail(f"mlp_dim must be None or a positive int, got {cfg.mlp_dim!r}.")
+    if not (isinstance(cfg.scale_factor, (int, float)) and 0 < cfg.scale_factor < math.inf):
+        fail(f"scale_factor must be a positive finite number, got {cfg.scale_factor!r}.")
+    if cfg.emb_dim % cfg.num_heads:
+        fail(f"emb_dim={cfg.emb_dim} is not divisible by num_heads={cfg.num_heads}.")
+    H, W, C = cfg.image_shape
+    P = cfg.patch_size
+    if H % P or W % P:
+        fail(f"patch_size={P} must divide the image height and width, got H={H}, W={W}.")
+    if cfg.token_dim % 2:
+        fail(f"a token has D = P*P*C = {P}*{P}*{C} = {cfg.token_dim} dims, an odd number, "
+             "but every coupling feeds D/2 dims to its ViT; use an even patch_size.")
+    for field, allowed in (("kinds", KINDS), ("channel_projs", CHANNEL_PROJS),
+                           ("spatial_projs", SPATIAL_PROJS)):
+        values = getattr(cfg, field)
+        if not values or any(v not in allowed for v in values):
+            fail(f"{field}={values}: each entry must be one of {allowed} (at least one).")
+    nh, nw = cfg.grid
+    for kind, proj in set(cfg.couplings()):
+        if kind != "spatial":
+            continue
+        n1 = int(spatial_pattern(proj, nh, nw).sum())
+        if 2 * n1 != nh * nw:
+            fail(f"spatial projection {proj!r} splits the {nh}x{nw} token grid into {n1} and "
+                 f"{nh * nw - n1} tokens, not two equal halves; it needs an even number of "
+                 + {"h": "token rows (H/P)", "v": "token columns (W/P)",
+                    "c": "tokens (H/P)*(W/P)"}[proj[0]]
+                 + ". Change image_shape or patch_size, or drop it from spatial_projs.")
+
+
+# ------------------------------------------------------------------------------------------
+# Patches: "b (h P) (w P) c -> b (h w) (P P c)"
+
+
+def patchify(x: jax.Array, patch_size: int) -> jax.Array:
+    """[B, H, W, C] -> [B, N, D], patches in row-major order, each flattened (P, P, C)."""
+    B, H, W, C = x.shape
+    P = patch_size
+    x = x.reshape(B, H // P, P, W // P, P, C)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(B, (H // P) * (W // P), P * P * C)
+
+
+def unpatchify(x: jax.Array, patch_size: int, image_shape: tuple[int, int, int]) -> jax.Array:
+    """[B, N, D] -> [B, H, W, C]; the exact inverse of `patchify` (non-square images too)."""
+    H, W, C = image_shape
+    P = patch_size
+    x = x.reshape(x.shape[0], H // P, W // P, P, P, C)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape[0], H, W, C)
+
+
+# ------------------------------------------------------------------------------------------
+# Splits: which half of the patch grid is x1 and which is x2
+
+
+def spatial_pattern(proj: str, nh: int, nw: int) -> np.ndarray:
+    """Bool [nh, nw]: True where a token goes to x1 in a spatial coupling.
+
+    checkerboard: (row + col) even; vstripes: col even; hstripes: row even; "-inv" swaps halves.
+    """
+    row, col = np.mgrid[:nh, :nw]
+    base = {"checkerboard": row + col, "vstripes": col, "hstripes": row}[proj.removesuffix("-inv")]
+    return (base % 2 == 0) != proj.endswith("-inv")
+
+
+def channel_split_index(perm: jax.Array, num_tokens: int) -> jax.Array:
+    """Index [N*D] into the flat [N, D] patch grid: x1 = dims perm[:D/2] of every token, x2 the rest.
+
+    Reading the first half gives x1 laid out [N, D/2], the second half x2 [N, D/2].
+    """
+    D = perm.shape[0]
+    token_start = (jnp.arange(num_tokens) * D)[:, None]  # [N, 1]
+    halves = [token_start + perm[None, : D // 2], token_start + perm[None, D // 2:]]
+    return jnp.concatenate([h.reshape(-1) for h in halves])
+
+
+def spatial_split_index(tokens: jax.Array, token_dim: int) -> jax.Array:
+    """Index [N*D]: x1 = whole tokens tokens[:N/2], x2 = tokens[N/2:], in that order.
+
+    As in big_vision, each selected token of width D is read as two consecutive tokens of width
+    D/2, so x1 and x2 are [N, D/2] exactly as in a channel coupling.
+    """
+    return (tokens[:, None] * token_dim + jnp.arange(token_dim)[None, :]).reshape(-1)
+
+
+def init_perms(key: jax.Array, cfg: Config) -> jax.Array:
+    """int32 [depth, N*D]: row i is the split index of coupling i. Fixed, never trained."""
+    nh, nw = cfg.grid
+    rows = []
+    for i, (kind, proj) in enumerate(cfg.couplings()):
+        if kind == "channels":  # proj == "random"
+            perm = jax.random.permutation(jax.random.fold_in(key, i), cfg.token_dim)
+            rows.append(channel_split_index(perm, cfg.num_tokens))
+        else:
+            mask = spatial_pattern(proj, nh, nw).reshape(-1)
+            tokens = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
+            rows.append(spatial_split_index(jnp.asarray(tokens), cfg.token_dim))
+    return jnp.stack(rows).astype(jnp.int32)
+
+
+def split(x: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[B, N, D] -> x1, x2, each [B, N, D/2], by one exact gather."""
+    B, N, D = x.shape
+    x = jnp.take(x.reshape(B, N * D), index, axis=1)
+    x1, x2 = jnp.split(x, 2, axis=1)
+    return x1.reshape(B, N, D // 2), x2.reshape(B, N, D // 2)
+
+
+def merge(x1: jax.Array, x2: jax.Array, index: jax.Array) -> jax.Array:
+    """x1, x2 [B, N, D/2] -> [B, N, D]; the exact inverse of `split` (gather by argsort)."""
+    B, N, half = x1.shape
+    x = jnp.concatenate([x1.reshape(B, N * half), x2.reshape(B, N * half)], axis=1)
+    return jnp.take(x, jnp.argsort(index), axis=1).reshape(B, N, 2 * half)
+
+
+# ------------------------------------------------------------------------------------------
+# ViT pieces (pre-LN blocks as big_vision's vit.Encoder1DBlock), on [B, N, E] activations
+
+_lecun_normal = jax.nn.initializers.lecun_normal()  # flax nn.Dense default
+_xavier_uniform = jax.nn.initializers.xavier_uniform()  # big_vision ViT kernels
+
+
+def init_dense(key, d_in, d_out, kernel_init=_lecun_normal, bias_std=0.0, dtype=jnp.float32):
+    kb, kk = jax.random.split(key)
+    return {"kernel": kernel_init(kk, (d_in, d_out), dtype),
+            "bias": bias_std * jax.random.normal(kb, (d_out,), dtype)}
+
+
+def dense(p, x):
+    """[B, N, d_in] -> [B, N, d_out]."""
+    return jnp.einsum("bni,io->bno", x, p["kernel"]) + p["bias"][None, None, :]
+
+
+def init_layer_norm(d, dtype=jnp.float32):
+    return {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
+
+
+def layer_norm(p, x, eps=1e-6):  # eps: flax nn.LayerNorm default
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"][None, None] + p["bias"][None, None]
+
+
+def init_attention(key, emb_dim, num_heads, dtype=jnp.float32):
+    """Per-head projections shaped as flax MultiHeadDotProductAttention's: [E, heads, E/heads]."""
+    head_dim = emb_dim // num_heads
+    keys = jax.random.split(key, 4)
+    def proj(k, shape):
+        return _xavier_uniform(k, (emb_dim, emb_dim), dtype).reshape(shape)  # flax: flat fans
+    p = {name: {"kernel": proj(k, (emb_dim, num_heads, head_dim)),
+                "bias": jnp.zeros((num_heads, head_dim), dtype)}
+         for name, k in zip(("query", "key", "value"), keys)}
+    p["out"] = {"kernel": proj(keys[3], (num_heads, head_dim, emb_dim)),
+                "bias": jnp.zeros((emb_dim,), dtype)}
+    return p
+
+
+def attention(p, x):
+    """Multi-head self-attention, [B, N, E] -> [B, N, E]; query scaled by head_dim^-1/2."""
+    def heads(q):  # [B, N, E] -> [B, N, heads, head_dim]
+        return jnp.einsum("bne,ehd->bnhd", x, p[q]["kernel"]) + p[q]["bias"][None, None]
+    q, k, v = heads("query"), heads("key"), heads("value")
+    q = q / math.sqrt(q.shape[-1])
+    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)  # [B, h, N, N]
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return jnp.einsum("bqhd,hde->bqe", out, p["out"]["kernel"]) + p["out"]["bias"][None, None]
+
+
+def init_mlp(key, emb_dim, mlp_dim, dtype=jnp.float32):
+    k1, k2 = jax.random.split(key)
+    return {"fc1": init_dense(k1, emb_dim, mlp_dim, _xavier_uniform, 1e-6, dtype),
+            "fc2": init_dense(k2, mlp_dim, emb_dim, _xavier_uniform, 1e-6, dtype)}
+
+
+def mlp(p, x):
+    """[B, N, E] -> [B, N, mlp_dim] -> [B, N, E], tanh-approximated GELU (flax nn.gelu)."""
+    return dense(p["fc2"], jax.nn.gelu(dense(p["fc1"], x), approximate=True))
+
+
+def init_vit_block(key, cfg: Config, dtype=jnp.float32):
+    ka, km = jax.random.split(key)
+    return {"ln1": init_layer_norm(cfg.emb_dim, dtype),
+            "attention": init_attention(ka, cfg.emb_dim, cfg.num_heads, dtype),
+            "ln2": init_layer_norm(cfg.emb_dim, dtype),
+            "mlp": init_mlp(km, cfg.emb_dim, cfg.mlp_dim or 4 * cfg.emb_dim, dtype)}
+
+
+def vit_block(p, x):
+    """Pre-LN transformer block with residuals: x + attn(LN(x)), then + mlp(LN(.))."""
+    x = x + attention(p["attention"], layer_norm(p["ln1"], x))
+    return x + mlp(p["mlp"], layer_norm(p["ln2"], x))
+
+
+# ------------------------------------------------------------------------------------------
+# Coupling net: x1 [B, N, D/2] -> b, s [B, N, D/2] (big_vision's DNN)
+
+
+def init_coupling_net(key, cfg: Config, dtype=jnp.float32):
+    """Parameters of one coupling's ViT; the output layer is zero, so the coupling starts as
+    y2 = x2 * sigmoid(0) * k, which is the identity for the default k = 2."""
+    N, D, E = cfg.num_tokens, cfg.token_dim, cfg.emb_dim
+    k_in, k_pos, k_blocks, k_out = jax.random.split(key, 4)
+    block_keys = jax.random.split(k_blocks, cfg.block_depth)
+    return {"init_proj": init_dense(k_in, D // 2, E, dtype=dtype),
+            "posemb": jax.random.normal(k_pos, (N, E), dtype) / math.sqrt(E),
+            "blocks": jax.vmap(lambda k: init_vit_block(k, cfg, dtype))(block_keys),
+            "encoder_norm": init_layer_norm(E, dtype),
+            "final_proj": init_dense(k_out, E, D, jax.nn.initializers.zeros, dtype=dtype)}
+
+
+def coupling_net(p, x1):
+    """Dense + position embedding, `block_depth` ViT blocks (scanned), LN, Dense to (b, s)."""
+    h = dense(p["init_proj"], x1) + p["posemb"][None]  # [B, N, E]
+    h, _ = jax.lax.scan(lambda h, block: (vit_block(block, h), None), h, p["blocks"])
+    out = dense(p["final_proj"], layer_norm(p["encoder_norm"], h))  # [B, N, D]
+    b, s = jnp.split(out, 2, axis=-1)
+    return b, s
+
+
+# ------------------------------------------------------------------------------------------
+# Coupling: y1 = x1, y2 = (x2 + b(x1)) * sigmoid(s(x1)) * k
+
+
+def coupling_scale(s, k):
+    """Scale sigmoid(s) * k and its log-det, summed per example: [B, N, D/2] -> [B]."""
+    logdet = jnp.sum(jax.nn.log_sigmoid(s) + math.log(k), axis=(1, 2))
+    return jax.nn.sigmoid(s) * k, logdet
+
+
+def coupling_forward(p, index, x, k):
+    """[B, N, D] -> y [B, N, D], log|det dy/dx| [B]."""
+    x1, x2 = split(x, index)
+    b, s = coupling_net(p, x1)
+    scale, logdet = coupling_scale(s, k)
+    return merge(x1, (x2 + b) * scale, index), logdet
+
+
+def coupling_inverse(p, index, y, k):
+    """[B, N, D] -> x [B, N, D], log|det dx/dy| [B] (= minus the forward's)."""
+    y1, y2 = split(y, index)
+    b, s = coupling_net(p, y1)
+    scale, logdet = coupling_scale(s, k)
+    return merge(y1, y2 / scale - b, index), -logdet
+
+
+# ------------------------------------------------------------------------------------------
+# Flow: z = f(x), the couplings applied in order under one scan
+
+
+def init(key: jax.Array, cfg: Config, dtype=jnp.float32) -> tuple[dict, jax.Array]:
+    """Returns (params, perms): params a nested dict whose leaves have a leading [depth] axis
+    (one slice per coupling), perms int32 [depth, N*D] split indices (data, not trained)."""
+    k_params, k_perms = jax.random.split(key)
+    net_keys = jax.random.split(k_params, cfg.depth)
+    params = jax.vmap(lambda k: init_coupling_net(k, cfg, dtype))(net_keys)
+    return params, init_perms(k_perms, cfg)
+
+
+def _check_input(x, perms, cfg, name):
+    expected = (cfg.depth, cfg.num_tokens * cfg.token_dim)
+    if x.ndim != 4 or tuple(x.shape[1:]) != cfg.image_shape:
+        raise ValueError(f"{name} must be [B, H, W, C] with (H, W, C) = {cfg.image_shape} from "
+                         f"the Config, got shape {tuple(x.shape)}.")
+    if tuple(perms.shape) != expected:
+        raise ValueError(f"perms has shape {tuple(perms.shape)} but this Config needs "
+                         f"{expected}; were they made for another Config?")
+
+
+def forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config):
+    """x [B, H, W, C] in [-1, 1] -> z [B, H, W, C], log|det dz/dx| [B]."""
+    _check_input(x, perms, cfg, "x")
+    h = patchify(x, cfg.patch_size)  # [B, N, D]
+    def step(h, layer):
+        p, index = layer
+        return coupling_forward(p, index, h, cfg.scale_factor)
+    h, logdets = jax.lax.scan(step, h, (params, perms))  # logdets [depth, B]
+    return unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
+
+
+def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config):
+    """z [B, H, W, C] -> x [B, H, W, C], log|det dx/dz| [B]; couplings in reverse order."""
+    _check_input(z, perms, cfg, "z")
+    h = patchify(z, cfg.patch_size)  # [B, N, D]
+    def step(h, layer):
+        p, index = layer
+        return coupling_inverse(p, index, h, cfg.scale_factor)
+    h, logdets = jax.lax.scan(step, h, (params, perms), reverse=True)
+    return unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
+
+
+# ------------------------------------------------------------------------------------------
+# Likelihood: uniform dequantization and bits per dimension
+
+
+def dequantize(key: jax.Array, images: jax.Array) -> jax.Array:
+    """uint8 [B, H, W, C] -> float32 in [-1, 1): x = q/127.5 - 1 + u, u ~ U[0, 1/127.5).
+
+    Integer q covers the cell [q/127.5 - 1, (q+1)/127.5 - 1) of width 1/127.5; adding uniform
+    noise makes a continuous density p(x) whose integral over the cell lower-bounds P(q)
+    (Theis et al. 2016), as the official trainer does.
+    """
+    if images.dtype != jnp.uint8:
+        raise ValueError(f"dequantize expects uint8 images, got {images.dtype}.")
+    x = images.astype(jnp.float32) / 127.5 - 1.0
+    return x + jax.random.uniform(key, images.shape, jnp.float32, 0.0, 1.0 / 127.5)
+
+
+def bits_per_dim(z: jax.Array, logdet: jax.Array) -> jax.Array:
+    """Per-example bits/dim of 8-bit images, z [B, H, W, C], logdet [B] -> [B].
+
+    Change of variables: -log p(x) = -log N(z; 0, I) - log|det dz/dx|, with
+    -log N(z; 0, I) = sum(z^2/2 + log(2 pi)/2). The discrete probability of a pixel is its cell
+    volume (1/127.5 per dim) times the density, so -log P(q) <= -log p(x) + H*W*C * log 127.5.
+    Dividing by H*W*C * ln 2 turns nats into bits per dimension.
+    """
+    dims = math.prod(z.shape[1:])
+    nll = jnp.sum(0.5 * jnp.square(z), axis=(1, 2, 3)) + dims * (0.5 * math.log(2 * math.pi)
+                                                                 + math.log(127.5))
+    return (nll - logdet) / (dims * math.log(2))
+
+
+# ------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample(params: dict, perms: jax.Array, key: jax.Array, n: int, cfg: Config,
+           temperature: float = 1.0) -> jax.Array:
+    """n images, uint8 [n, H, W, C]: z ~ N(0, T^2 I), x = f^-1(z) in one parallel pass.
+
+    x is mapped back to the integer whose dequantization cell contains it,
+    q = floor((x + 1) * 127.5), then clipped to [0, 255] (flows put some mass outside [-1, 1]).
+    """
+    dtype = jax.tree.leaves(params)[0].dtype
+    z = temperature * jax.random.normal(key, (n, *cfg.image_shape), dtype)
+    x, _ = inverse(params, perms, z, cfg)
+    return jnp.clip(jnp.floor((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+# ------------------------------------------------------------------------------------------
+# Loading official big_vision parameters
+
+
+def from_big_vision(flat: Mapping[str, np.ndarray], image_shape: tuple[int, int, int],
+                    **model_kwargs) -> tuple[dict, jax.Array, Config]:
+    """Official parameters -> (params, perms, cfg).
+
+    `flat` maps "/"-joined flax paths (optionally prefixed "params/") to arrays; `model_kwargs`
+    are big_vision `jet.Model` arguments. Permutations are read from the stored one-hot
+    matrices, so the result computes exactly the official map.
+    """
+    names = {"depth": "depth", "block_depth": "block_depth", "emb_dim": "emb_dim",
+             "num_heads": "num_heads", "scale_factor": "scale_factor", "ps": "patch_size",
+             "kinds": "kinds", "channels_coupling_projs": "channel_projs",
+             "spatial_coupling_projs": "spatial_projs"}
+    unknown = set(model_kwargs) - set(names)
+    if unknown:
+        raise ValueError(f"Unknown big_vision jet.Model arguments {sorted(unknown)}; "
+                         f"expected some of {sorted(names)}.")
+    official_defaults = {"depth": 2, "emb_dim": 256, "patch_size": 4}  # jet.Model's own
+    cfg = Config(image_shape=tuple(image_shape),
+                 **{**official_defaults, **{names[k]: v for k, v in model_kwargs.items()}})
+    flat = {key.removeprefix("params/"): np.asarray(v) for key, v in flat.items()}
+
+    def get(path):
+        if path not in flat:
+            raise ValueError(f"Missing official parameter {path!r}; is `flat` a big_vision Jet "
+                             "checkpoint for these model_kwargs?")
+        return jnp.asarray(flat[path])
+
+    def dense_params(path):
+        return {"kernel": get(f"{path}/kernel"), "bias": get(f"{path}/bias")}
+
+    def ln_params(path):
+        return {"scale": get(f"{path}/scale"), "bias": get(f"{path}/bias")}
+
+    def block(i):
+        vit = f"couplings/dnn/vit/encoderblock_{i}"
+        mha = f"{vit}/MultiHeadDotProductAttention_0"
+        return {"ln1": ln_params(f"{vit}/LayerNorm_0"),
+                "attention": {n: dense_params(f"{mha}/{n}")
+                              for n in ("query", "key", "value", "out")},
+                "ln2": ln_params(f"{vit}/LayerNorm_1"),
+                "mlp": {"fc1": dense_params(f"{vit}/MlpBlock_0/Dense_0"),
+                        "fc2": dense_params(f"{vit}/MlpBlock_0/Dense_1")}}
+
+    blocks = [block(i) for i in range(cfg.block_depth)]
+    params = {"init_proj": dense_params("couplings/dnn/init_proj"),
+              "posemb": get("couplings/dnn/posemb")[:, 0],  # [depth, 1, N, E] -> [depth, N, E]
+              "blocks": jax.tree.map(lambda *b: jnp.stack(b, axis=1), *blocks),
+              "encoder_norm": ln_params("couplings/dnn/vit/encoder_norm"),
+              "final_proj": dense_params("couplings/dnn/final_proj")}
+    expected = jax.eval_shape(lambda: init(jax.random.key(0), cfg)[0])
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params),
+                                 jax.tree.leaves(expected)):
+        if got.shape != want.shape:
+            raise ValueError(f"Official parameter {jax.tree_util.keystr(path)} has shape "
+                             f"{got.shape}, expected {want.shape} for {cfg}.")
+
+    c_masks = np.asarray(flat["channel_coupling_masks-FREEZE_ME"])  # [depth, D, D]
+    s_masks = np.asarray(flat["spatial_coupling_masks-FREEZE_ME"])  # [depth, N, N]
+    rows = []
+    for i, (kind, _) in enumerate(cfg.couplings()):
+        mask = c_masks[i] if kind == "channels" else s_masks[i]
+        # mask[src, dst] = 1: output slot dst reads input slot src, so src = argmax over rows.
+        src = mask.argmax(axis=0)
+        if not np.array_equal(mask, np.eye(len(src), dtype=mask.dtype)[src].T):
+            raise ValueError(f"Coupling {i} ({kind}) has a stored mask that is not a "
+                             "permutation matrix; kinds/projs may not match the checkpoint.")
+        src = jnp.asarray(src)
+        rows.append(channel_split_index(src, cfg.num_tokens) if kind == "channels"
+                    else spatial_split_index(src, cfg.token_dim))
+    return params, jnp.stack(rows).astype(jnp.int32), cfg

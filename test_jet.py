@@ -1,0 +1,533 @@
+"""Properties of the Jet flow, each stated in its test's docstring.
+
+Run: pytest -q  (conftest.py makes silent rank promotion an error and configures hypothesis).
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+
+import jet
+
+TESTDATA = pathlib.Path(__file__).parent / "testdata"
+GOLDEN = sorted(TESTDATA.glob("big_vision_jet_*.npz"))
+
+SMALL = jet.Config(image_shape=(8, 8, 3), patch_size=2, depth=3, emb_dim=16, num_heads=2)
+
+# Compiled once per (Config, shape); eager execution would re-trace the scans on every call.
+init = jax.jit(jet.init, static_argnums=(1, 2))
+forward = jax.jit(jet.forward, static_argnums=3)
+inverse = jax.jit(jet.inverse, static_argnums=3)
+
+
+# ------------------------------------------------------------------------------------------
+# Strategies and helpers
+
+
+@st.composite
+def configs(draw, even_grid=False, max_depth=4):
+    """Small valid Configs covering every kind, projection, patch size and channel count."""
+    C = draw(st.integers(1, 3))
+    P = draw(st.sampled_from([p for p in (1, 2, 3, 4) if p * p * C % 2 == 0]))
+    nh, nw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    if even_grid:
+        nh, nw = 2 * nh, 2 * nw
+    balanced = [p for p in jet.SPATIAL_PROJS
+                if {"c": nh * nw, "h": nh, "v": nw}[p[0]] % 2 == 0]
+    kinds = draw(st.lists(st.sampled_from(jet.KINDS if balanced else ["channels"]),
+                          min_size=1, max_size=3))
+    heads = draw(st.sampled_from([1, 2]))
+    return jet.Config(
+        image_shape=(P * nh, P * nw, C), patch_size=P,
+        depth=draw(st.integers(1, max_depth)), block_depth=draw(st.integers(1, 2)),
+        emb_dim=heads * draw(st.sampled_from([4, 8])), num_heads=heads,
+        mlp_dim=draw(st.sampled_from([None, 12])),
+        scale_factor=draw(st.floats(0.5, 4.0)), kinds=tuple(kinds),
+        spatial_projs=tuple(draw(st.lists(st.sampled_from(balanced or ["checkerboard"]),
+                                          min_size=1, max_size=4))))
+
+
+def random_params(cfg, seed, dtype=np.float32):
+    """Parameters with every leaf random, the zero-initialised output layers included, so that
+    every coupling really moves its input (at init the flow is the identity and proves nothing).
+
+    Built with NumPy on the shapes of jet.init: compiling init's random initialisers for every
+    drawn configuration would dominate the test time."""
+    shapes = jax.eval_shape(lambda: jet.init(jax.random.key(0), cfg)[0])
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, shape):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:  # layer norm
+            value = 1 + 0.1 * rng.normal(size=shape.shape)
+        elif "kernel" in name:  # attention kernels are [E, heads, head_dim] or [heads, head_dim, E]
+            fan_in = cfg.emb_dim if "attention" in name else shape.shape[-2]
+            value = rng.normal(size=shape.shape) / np.sqrt(fan_in)
+        else:
+            value = 0.3 * rng.normal(size=shape.shape)
+        return jnp.asarray(value, dtype)
+    params = jax.tree_util.tree_map_with_path(leaf, shapes)
+    return params, jet.init_perms(jax.random.key(seed), cfg)
+
+
+def images(key, cfg, batch=2, dtype=jnp.float32):
+    return jax.random.uniform(key, (batch, *cfg.image_shape), dtype, -1.0, 1.0)
+
+
+def load_golden(path):
+    d = np.load(path)
+    flat = {k: d[k] for k in d.files if k.startswith("params/")}
+    params, perms, cfg = jet.from_big_vision(flat, d["x"].shape[1:], **json.loads(str(d["config"])))
+    return params, perms, cfg, d
+
+
+# ------------------------------------------------------------------------------------------
+# Patches and splits
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 4),
+       st.integers(1, 3))
+def test_patchify_layout_and_round_trip(B, nh, nw, P, C):
+    """Token t = i*(W/P) + j holds pixel block (i, j), flattened in (row, col, channel) order;
+    unpatchify inverts it exactly, for non-square images too."""
+    x = np.random.default_rng(0).normal(size=(B, nh * P, nw * P, C)).astype(np.float32)
+    tokens = np.asarray(jet.patchify(jnp.asarray(x), P))
+    assert tokens.shape == (B, nh * nw, P * P * C)
+    for i in range(nh):
+        for j in range(nw):
+            block = x[:, i * P:(i + 1) * P, j * P:(j + 1) * P, :].reshape(B, -1)
+            np.testing.assert_array_equal(tokens[:, i * nw + j], block)
+    np.testing.assert_array_equal(jet.unpatchify(tokens, P, x.shape[1:]), x)
+
+
+def test_spatial_pattern_pictures():
+    """The six spatial projections on a 4x6 token grid (1 = token goes to x1)."""
+    checkerboard = np.array([[1, 0, 1, 0, 1, 0],
+                             [0, 1, 0, 1, 0, 1],
+                             [1, 0, 1, 0, 1, 0],
+                             [0, 1, 0, 1, 0, 1]])
+    vstripes = np.array([[1, 0, 1, 0, 1, 0]] * 4)
+    hstripes = np.array([[1] * 6, [0] * 6, [1] * 6, [0] * 6])
+    for name, picture in [("checkerboard", checkerboard), ("vstripes", vstripes),
+                          ("hstripes", hstripes)]:
+        np.testing.assert_array_equal(jet.spatial_pattern(name, 4, 6), picture == 1)
+        np.testing.assert_array_equal(jet.spatial_pattern(name + "-inv", 4, 6), picture == 0)
+
+
+def test_spatial_pattern_on_odd_width():
+    """Row/column parity also on an odd-width grid, where big_vision's flat-index formulas
+    would turn checkerboard into vertical stripes and vstripes into a checkerboard."""
+    np.testing.assert_array_equal(jet.spatial_pattern("checkerboard", 2, 3),
+                                  np.array([[1, 0, 1], [0, 1, 0]]) == 1)
+    np.testing.assert_array_equal(jet.spatial_pattern("vstripes", 4, 3),
+                                  np.array([[1, 0, 1]] * 4) == 1)
+
+
+@given(configs())
+def test_perms_are_bijections_of_whole_tokens_or_within_tokens(cfg):
+    """Every split index is a permutation of the N*D patch-grid elements; a channel coupling
+    keeps each element inside its token, a spatial one moves whole tokens and puts N/2 of them
+    (both halves) in x1."""
+    perms = jet.init_perms(jax.random.key(0), cfg)
+    N, D = cfg.num_tokens, cfg.token_dim
+    assert perms.dtype == jnp.int32 and perms.shape == (cfg.depth, N * D)
+    for index, (kind, proj) in zip(np.asarray(perms), cfg.couplings()):
+        np.testing.assert_array_equal(np.sort(index), np.arange(N * D))
+        source_token = (index // D).reshape(2, N, D // 2)  # [x1/x2, token, dim]
+        if kind == "channels":
+            np.testing.assert_array_equal(source_token, np.broadcast_to(
+                np.arange(N)[None, :, None], (2, N, D // 2)))
+        else:
+            x1_tokens = np.unique(source_token[0])
+            mask = jet.spatial_pattern(proj, *cfg.grid).reshape(-1)
+            np.testing.assert_array_equal(x1_tokens, np.flatnonzero(mask))
+
+
+def test_spatial_split_reads_whole_patches_as_two_tokens():
+    """A spatial split on a 2x2 grid with D = 4: x1 holds patches 0 and 3 (checkerboard), each
+    patch read as two consecutive tokens of width 2."""
+    cfg = jet.Config(image_shape=(2, 2, 4), patch_size=1, depth=1, kinds=("spatial",),
+                     emb_dim=4, num_heads=1)
+    perms = jet.init_perms(jax.random.key(0), cfg)
+    x = jnp.arange(16.0).reshape(1, 4, 4)  # token t holds 4t .. 4t+3
+    x1, x2 = jet.split(x, perms[0])
+    np.testing.assert_array_equal(x1[0], [[0, 1], [2, 3], [12, 13], [14, 15]])
+    np.testing.assert_array_equal(x2[0], [[4, 5], [6, 7], [8, 9], [10, 11]])
+    np.testing.assert_array_equal(jet.merge(x1, x2, perms[0]), x)
+
+
+# ------------------------------------------------------------------------------------------
+# The flow is a bijection with the right log-determinant
+
+
+@given(configs(), st.integers(0, 2 ** 31 - 1))
+def test_invertible_in_float32(cfg, seed):
+    """inverse(forward(x)) = x and forward(inverse(z)) = z to float32 precision, and the
+    inverse log-det is minus the forward one at corresponding points."""
+    k_x, k_z = jax.random.split(jax.random.key(seed))
+    params, perms = random_params(cfg, seed)
+    x = images(k_x, cfg)
+    z, logdet = forward(params, perms, x, cfg)
+    x_back, logdet_back = inverse(params, perms, z, cfg)
+    np.testing.assert_allclose(x_back, x, atol=1e-4 * cfg.depth, rtol=0)
+    np.testing.assert_allclose(logdet_back, -logdet, rtol=1e-5, atol=1e-3)
+    z = jax.random.normal(k_z, x.shape)
+    x, logdet = inverse(params, perms, z, cfg)
+    z_back, logdet_back = forward(params, perms, x, cfg)
+    np.testing.assert_allclose(z_back, z, atol=1e-4 * cfg.depth, rtol=0)
+    np.testing.assert_allclose(logdet_back, -logdet, rtol=1e-5, atol=1e-3)
+
+
+@given(configs(max_depth=3), st.integers(0, 2 ** 31 - 1))
+def test_logdet_equals_slogdet_of_jacobian(x64, cfg, seed):
+    """logdet = log|det J| with J = jax.jacfwd of the map, in float64, forward and inverse."""
+    params, perms = random_params(cfg, seed, np.float64)
+    x = images(jax.random.key(seed), cfg, batch=1, dtype=jnp.float64)
+    for fn in (forward, inverse):
+        def flat_map(v):
+            return fn(params, perms, v.reshape(x.shape), cfg)[0].reshape(-1)
+        jacobian = jax.jit(jax.jacfwd(flat_map))(x.reshape(-1))
+        sign, expected = jnp.linalg.slogdet(jacobian)
+        _, logdet = fn(params, perms, x, cfg)
+        assert sign != 0
+        np.testing.assert_allclose(logdet[0], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_identity_at_init():
+    """With the zero-initialised output layers and k = 2, every coupling is the identity."""
+    cfg = SMALL
+    params, perms = init(jax.random.key(1), cfg)
+    x = images(jax.random.key(2), cfg)
+    z, logdet = forward(params, perms, x, cfg)
+    np.testing.assert_array_equal(z, x)
+    np.testing.assert_array_equal(logdet, np.zeros(2))
+
+
+@given(configs(), st.integers(0, 2 ** 31 - 1))
+def test_examples_are_independent_of_their_batch(cfg, seed):
+    """An example's z and logdet do not depend on the other examples in its batch."""
+    params, perms = random_params(cfg, seed)
+    x = images(jax.random.key(seed), cfg, batch=3)
+    z, logdet = forward(params, perms, x, cfg)
+    for i in range(3):
+        zi, logdet_i = forward(params, perms, x[i:i + 1], cfg)
+        np.testing.assert_allclose(zi[0], z[i], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(logdet_i[0], logdet[i], rtol=1e-5, atol=1e-4)
+
+
+def test_jit_equals_eager():
+    """jax.jit of forward and inverse computes the same values as eager execution."""
+    cfg = SMALL
+    params, perms = random_params(cfg, 3)
+    x = images(jax.random.key(4), cfg)
+    for fn in (jet.forward, jet.inverse):
+        eager = fn(params, perms, x, cfg)
+        jitted = jax.jit(fn, static_argnums=3)(params, perms, x, cfg)
+        for a, b in zip(eager, jitted):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_training_step_gives_finite_gradients_and_leaves_perms_alone():
+    """A step of Adam on bits/dim: finite gradients for every parameter, a lower loss after a
+    few steps, and the split permutations bit-identical (they are data, not parameters)."""
+    cfg = SMALL
+    params, perms = init(jax.random.key(5), cfg)
+    perms_before = np.array(perms)
+    data = jax.random.randint(jax.random.key(6), (8, *cfg.image_shape), 0, 64).astype(jnp.uint8)
+    x = jet.dequantize(jax.random.key(7), data)
+
+    def loss_fn(params):
+        return jet.bits_per_dim(*forward(params, perms, x, cfg)).mean()
+
+    opt = optax.adam(1e-2)
+    state = opt.init(params)
+    losses = []
+    value_and_grad = jax.jit(jax.value_and_grad(loss_fn))
+    for _ in range(5):
+        loss, grads = value_and_grad(params)
+        assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+        updates, state = opt.update(grads, state)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    np.testing.assert_array_equal(perms, perms_before)
+
+
+# ------------------------------------------------------------------------------------------
+# Likelihood and sampling
+
+
+def test_bits_per_dim_known_value_and_independent_computation():
+    """z = 0, logdet = 0 costs log2(sqrt(2 pi) * 127.5) bits per dim; in general bits/dim equals
+    -log2 of the Gaussian density plus the dequantization volume, computed here with NumPy."""
+    z = np.zeros((1, 4, 4, 3))
+    assert float(jet.bits_per_dim(jnp.asarray(z), jnp.zeros(1))[0]) == pytest.approx(
+        math.log2(math.sqrt(2 * math.pi) * 127.5), rel=1e-6)
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(3, 4, 5, 2))
+    logdet = rng.normal(size=3) * 10
+    density = np.exp(-z ** 2 / 2) / np.sqrt(2 * np.pi)
+    expected = (-np.log2(density / 127.5).sum(axis=(1, 2, 3)) - logdet / np.log(2)) / 40
+    got = jet.bits_per_dim(jnp.asarray(z, jnp.float32), jnp.asarray(logdet, jnp.float32))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_dequantize_stays_in_its_cell():
+    """Every dequantized pixel lies in its integer's cell [q/127.5 - 1, (q+1)/127.5 - 1), and
+    the noise covers the cell."""
+    q = jnp.tile(jnp.arange(256, dtype=jnp.uint8), 200).reshape(1, 200, 256, 1)
+    x = jet.dequantize(jax.random.key(0), q)
+    lower = q.astype(jnp.float32) / 127.5 - 1
+    noise = np.asarray(x - lower)
+    assert x.dtype == jnp.float32 and noise.min() >= 0 and noise.max() <= 1 / 127.5 + 1e-6
+    assert noise.max() > 0.95 / 127.5 and noise.min() < 0.05 / 127.5
+    with pytest.raises(ValueError, match="uint8"):
+        jet.dequantize(jax.random.key(0), q.astype(jnp.float32))
+
+
+def test_sample_is_the_inverse_of_gaussian_noise():
+    """sample() = floor((f^-1(T z) + 1) * 127.5) clipped to uint8, reproducible per key."""
+    cfg = SMALL
+    params, perms = random_params(cfg, 8)
+    key = jax.random.key(9)
+    out = jet.sample(params, perms, key, 5, cfg, temperature=0.7)
+    assert out.dtype == jnp.uint8 and out.shape == (5, 8, 8, 3)
+    x, _ = inverse(params, perms, 0.7 * jax.random.normal(key, out.shape), cfg)
+    expected = np.clip(np.floor((np.asarray(x) + 1) * 127.5), 0, 255)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(jet.sample(params, perms, key, 5, cfg, 0.7), out)
+
+
+# ------------------------------------------------------------------------------------------
+# Parity with the official implementation
+
+
+@pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.stem)
+def test_golden_parity_with_big_vision(x64, path):
+    """Official parameters and outputs (big_vision jet.Model, float64, random output layers):
+    forward, inverse and both log-dets agree within 1e-5 relative to the largest magnitude."""
+    params, perms, cfg, d = load_golden(path)
+    for fn, inp, out, logdet in ((forward, "x", "z", "logdet"),
+                                 (inverse, "z_noise", "x_from_noise", "logdet_from_noise")):
+        got, got_logdet = fn(params, perms, jnp.asarray(d[inp]), cfg)
+        assert got.dtype == jnp.float64
+        assert np.abs(got - d[out]).max() <= 1e-5 * np.abs(d[out]).max()
+        assert np.abs(got_logdet - d[logdet]).max() <= 1e-5 * np.abs(d[logdet]).max()
+
+
+def test_golden_files_cover_every_projection():
+    """The golden files together use every spatial projection and both kinds."""
+    used = set()
+    for path in GOLDEN:
+        used.update(load_golden(path)[2].couplings())
+    assert {proj for kind, proj in used if kind == "spatial"} == set(jet.SPATIAL_PROJS)
+    assert ("channels", "random") in used
+
+
+def official_masks(cfg, rng):
+    """One-hot masks by big_vision's own formulas (flat-index stripes and checkerboard)."""
+    N, D, (nh, nw) = cfg.num_tokens, cfg.token_dim, cfg.grid
+    c, s = np.zeros((cfg.depth, D, D)), np.zeros((cfg.depth, N, N))
+    for i, (kind, proj) in enumerate(cfg.couplings()):
+        if kind == "channels":
+            c[i, rng.permutation(D), np.arange(D)] = 1
+            continue
+        n = np.arange(N)
+        base = proj.removesuffix("-inv")
+        parity = {"vstripes": n, "hstripes": n // nw,
+                  "checkerboard": n + n // nw}[base] % 2
+        idx1, idx2 = np.flatnonzero(parity == 0), np.flatnonzero(parity == 1)
+        if proj.endswith("-inv"):
+            idx1, idx2 = idx2, idx1
+        s[i, idx1, np.arange(N // 2)] = 1
+        s[i, idx2, np.arange(N // 2, N)] = 1
+    return c, s
+
+
+def official_params(cfg, rng):
+    """Random parameters under big_vision's flax paths and shapes."""
+    L, N, D, E = cfg.depth, cfg.num_tokens, cfg.token_dim, cfg.emb_dim
+    h, M = cfg.num_heads, cfg.mlp_dim or 4 * cfg.emb_dim
+    shapes = {"init_proj/kernel": (D // 2, E), "init_proj/bias": (E,), "posemb": (1, N, E),
+              "vit/encoder_norm/scale": (E,), "vit/encoder_norm/bias": (E,),
+              "final_proj/kernel": (E, D), "final_proj/bias": (D,)}
+    for b in range(cfg.block_depth):
+        blk = f"vit/encoderblock_{b}"
+        for ln in ("LayerNorm_0", "LayerNorm_1"):
+            shapes |= {f"{blk}/{ln}/scale": (E,), f"{blk}/{ln}/bias": (E,)}
+        for name in ("query", "key", "value"):
+            mha = f"{blk}/MultiHeadDotProductAttention_0/{name}"
+            shapes |= {f"{mha}/kernel": (E, h, E // h), f"{mha}/bias": (h, E // h)}
+        mha = f"{blk}/MultiHeadDotProductAttention_0/out"
+        shapes |= {f"{mha}/kernel": (h, E // h, E), f"{mha}/bias": (E,),
+                   f"{blk}/MlpBlock_0/Dense_0/kernel": (E, M), f"{blk}/MlpBlock_0/Dense_0/bias": (M,),
+                   f"{blk}/MlpBlock_0/Dense_1/kernel": (M, E), f"{blk}/MlpBlock_0/Dense_1/bias": (E,)}
+    flat = {}
+    for path, shape in shapes.items():
+        fan_in = shape[0] if "kernel" in path and len(shape) > 1 else 1
+        offset = 1.0 if path.endswith("scale") else 0.0
+        flat[f"couplings/dnn/{path}"] = offset + rng.normal(size=(L, *shape)) / np.sqrt(fan_in) * 0.5
+    return flat
+
+
+def official_forward(flat, c_masks, s_masks, x, cfg, inverse=False):
+    """big_vision's Jet in NumPy float64: one-hot einsum splits, the `cut` reshape, flax-layout
+    attention; written independently of jet.py (which uses gathers and its own layout)."""
+    P, (H, W, C), N, D = cfg.patch_size, cfg.image_shape, cfg.num_tokens, cfg.token_dim
+    B = x.shape[0]
+    x = x.reshape(B, H // P, P, W // P, P, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, N, D)
+    g = lambda name, i: flat[f"couplings/dnn/{name}"][i]
+
+    def layer_norm(v, path, i):
+        mu = v.mean(-1, keepdims=True)
+        sigma = np.sqrt(((v - mu) ** 2).mean(-1, keepdims=True) + 1e-6)
+        return (v - mu) / sigma * g(f"{path}/scale", i) + g(f"{path}/bias", i)
+
+    def dnn(v, i):
+        v = v @ g("init_proj/kernel", i) + g("init_proj/bias", i) + g("posemb", i)
+        for b in range(cfg.block_depth):
+            blk = f"vit/encoderblock_{b}"
+            y = layer_norm(v, f"{blk}/LayerNorm_0", i)
+            mha = f"{blk}/MultiHeadDotProductAttention_0"
+            q, k, val = (np.einsum("bne,ehd->bnhd", y, g(f"{mha}/{n}/kernel", i))
+                         + g(f"{mha}/{n}/bias", i) for n in ("query", "key", "value"))
+            logits = np.einsum("bqhd,bkhd->bhqk", q / np.sqrt(q.shape[-1]), k)
+            w = np.exp(logits - logits.max(-1, keepdims=True))
+            w /= w.sum(-1, keepdims=True)
+            y = np.einsum("bhqk,bkhd->bqhd", w, val)
+            v = v + np.einsum("bqhd,hde->bqe", y, g(f"{mha}/out/kernel", i)) + g(f"{mha}/out/bias", i)
+            y = layer_norm(v, f"{blk}/LayerNorm_1", i)
+            y = y @ g(f"{blk}/MlpBlock_0/Dense_0/kernel", i) + g(f"{blk}/MlpBlock_0/Dense_0/bias", i)
+            y = 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3)))
+            v = v + y @ g(f"{blk}/MlpBlock_0/Dense_1/kernel", i) + g(f"{blk}/MlpBlock_0/Dense_1/bias", i)
+        out = layer_norm(v, "vit/encoder_norm", i) @ g("final_proj/kernel", i) + g("final_proj/bias", i)
+        return out[..., :D // 2], out[..., D // 2:]
+
+    total = np.zeros(B)
+    order = range(cfg.depth - 1, -1, -1) if inverse else range(cfg.depth)
+    for i in order:
+        channels = cfg.couplings()[i][0] == "channels"
+        if channels:
+            x1, x2 = np.split(np.einsum("ntk,km->ntm", x, c_masks[i]), 2, axis=-1)
+        else:
+            x1, x2 = np.split(np.einsum("ntk,tm->nmk", x, s_masks[i]), 2, axis=-2)
+            x1, x2 = x1.reshape(B, N, D // 2), x2.reshape(B, N, D // 2)
+        bias, raw = dnn(x1, i)
+        scale = cfg.scale_factor / (1 + np.exp(-raw))
+        logdet = np.log(scale).sum(axis=(1, 2))
+        x2 = x2 / scale - bias if inverse else (x2 + bias) * scale
+        total += -logdet if inverse else logdet
+        if channels:
+            x = np.einsum("ntk,km->ntm", np.concatenate([x1, x2], -1), c_masks[i].T)
+        else:
+            x12 = np.concatenate([x1.reshape(B, N // 2, D), x2.reshape(B, N // 2, D)], axis=1)
+            x = np.einsum("ntk,tm->nmk", x12, s_masks[i].T)
+    x = x.reshape(B, H // P, W // P, P, P, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+    return x, total
+
+
+@given(configs(even_grid=True, max_depth=5), st.integers(0, 2 ** 31 - 1))
+def test_from_big_vision_matches_official_formulation(x64, cfg, seed):
+    """For any configuration on an even token grid, official parameters and one-hot masks loaded
+    with from_big_vision compute what big_vision's formulation computes (NumPy oracle above),
+    and the loaded spatial splits are exactly those that jet.init builds."""
+    cfg = dataclasses.replace(cfg, mlp_dim=None)  # big_vision's DNN always uses 4 * emb_dim
+    rng = np.random.default_rng(seed)
+    flat = official_params(cfg, rng)
+    c_masks, s_masks = official_masks(cfg, rng)
+    flat["channel_coupling_masks-FREEZE_ME"] = c_masks
+    flat["spatial_coupling_masks-FREEZE_ME"] = s_masks
+    kwargs = dict(depth=cfg.depth, block_depth=cfg.block_depth, emb_dim=cfg.emb_dim,
+                  num_heads=cfg.num_heads, scale_factor=cfg.scale_factor, ps=cfg.patch_size,
+                  kinds=list(cfg.kinds), channels_coupling_projs=list(cfg.channel_projs),
+                  spatial_coupling_projs=list(cfg.spatial_projs))
+    params, perms, loaded_cfg = jet.from_big_vision(flat, cfg.image_shape, **kwargs)
+    assert loaded_cfg == cfg
+    our_perms = jet.init_perms(jax.random.key(0), cfg)
+    for i, (kind, _) in enumerate(cfg.couplings()):
+        if kind == "spatial":
+            np.testing.assert_array_equal(perms[i], our_perms[i])
+    x = rng.uniform(-1, 1, size=(2, *cfg.image_shape))
+    for backward, fn in ((False, forward), (True, inverse)):
+        expected, expected_logdet = official_forward(flat, c_masks, s_masks, x, cfg, backward)
+        got, got_logdet = fn(params, perms, jnp.asarray(x), cfg)
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(got_logdet, expected_logdet, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------
+# Invalid input
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(image_shape=(30, 32, 3), patch_size=4), "must divide"),
+    (dict(image_shape=(12, 12, 3), patch_size=3), "odd number"),
+    (dict(image_shape=(12, 12, 2), patch_size=4), "checkerboard"),  # 3x3 grid: N = 9
+    (dict(image_shape=(12, 16, 2), patch_size=4, spatial_projs=("hstripes",)), "token rows"),
+    (dict(image_shape=(16, 12, 2), patch_size=4, spatial_projs=("vstripes",)), "token columns"),
+    (dict(emb_dim=30, num_heads=4), "divisible"),
+    (dict(kinds=("channel",)), "kinds"),
+    (dict(kinds=()), "kinds"),
+    (dict(channel_projs=("checkerboard",)), "channel_projs"),
+    (dict(spatial_projs=("random",)), "spatial_projs"),
+    (dict(depth=0), "depth"),
+    (dict(block_depth=-1), "block_depth"),
+    (dict(patch_size=2.0), "patch_size"),
+    (dict(mlp_dim=0), "mlp_dim"),
+    (dict(scale_factor=0.0), "scale_factor"),
+    (dict(scale_factor=float("nan")), "scale_factor"),
+    (dict(image_shape=(32, 32)), "image_shape"),
+    (dict(image_shape=(32, 0, 3)), "image_shape"),
+])
+def test_invalid_config_raises(kwargs, message):
+    """Every invalid combination fails at construction with a message naming the problem."""
+    with pytest.raises(ValueError, match=message):
+        jet.Config(**kwargs)
+
+
+def test_odd_grid_is_fine_without_spatial_couplings():
+    """An odd token count only matters when a spatial coupling is actually scheduled."""
+    jet.Config(image_shape=(12, 12, 2), patch_size=4, kinds=("channels",))
+    jet.Config(image_shape=(12, 12, 2), patch_size=4, depth=2)  # spatial would be 3rd
+
+
+def test_config_is_hashable_and_accepts_lists():
+    """Config is a static jit argument (hashable) and round-trips through JSON (lists)."""
+    cfg = jet.Config(kinds=["channels", "spatial"])
+    assert hash(cfg) == hash(jet.Config(kinds=("channels", "spatial")))
+    assert jet.Config(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+
+
+def test_wrong_input_shapes_raise():
+    """Images or perms that do not match the Config are rejected before any computation."""
+    cfg = SMALL
+    params, perms = random_params(cfg, 0)
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+        forward(params, perms, jnp.zeros((2, 8, 8, 1)), cfg)
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+        inverse(params, perms, jnp.zeros((8, 8, 3)), cfg)
+    with pytest.raises(ValueError, match="perms"):
+        forward(params, perms[:2], jnp.zeros((2, 8, 8, 3)), cfg)
+
+
+def test_from_big_vision_rejects_bad_checkpoints():
+    """Unknown arguments, missing parameters and wrong shapes are named."""
+    params, perms, cfg, d = load_golden(TESTDATA / "big_vision_jet_a.npz")
+    flat = {k: d[k] for k in d.files if k.startswith("params/")}
+    kwargs = json.loads(str(d["config"]))
+    with pytest.raises(ValueError, match="Unknown"):
+        jet.from_big_vision(flat, (16, 16, 3), **kwargs, dropout=0.1)
+    with pytest.raises(ValueError, match="Missing"):
+        jet.from_big_vision({k: v for k, v in flat.items() if "posemb" not in k},
+                            (16, 16, 3), **kwargs)
+    with pytest.raises(ValueError, match="shape"):
+        jet.from_big_vision(flat, (16, 16, 3), **{**kwargs, "emb_dim": 64, "num_heads": 4})
