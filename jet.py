@@ -37,7 +37,6 @@ SPATIAL_PROJS = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv",
 # ------------------------------------------------------------------------------------------
 # Config
 
-
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Static model description; frozen and hashable, so it can be a static jit argument."""
@@ -82,21 +81,17 @@ class Config:
             out.append((kind, next(cp) if kind == "channels" else next(sp)))
         return tuple(out)
 
-
 def _validate(cfg: Config) -> None:
     """Raises ValueError naming the field to change; run once, at construction."""
     def fail(msg):
         raise ValueError(f"Invalid jet.Config: {msg}")
-
-    if len(cfg.image_shape) != 3 or any(not isinstance(s, int) or s <= 0
-                                        for s in cfg.image_shape):
+    positive = lambda v: isinstance(v, int) and v > 0  # noqa: E731
+    if len(cfg.image_shape) != 3 or not all(map(positive, cfg.image_shape)):
         fail(f"image_shape must be three positive ints (H, W, C), got {cfg.image_shape}.")
-    for name in ("patch_size", "depth", "block_depth", "emb_dim", "num_heads"):
+    for name in ("patch_size", "depth", "block_depth", "emb_dim", "num_heads", "mlp_dim"):
         value = getattr(cfg, name)
-        if not isinstance(value, int) or value <= 0:
+        if not positive(value) and not (name == "mlp_dim" and value is None):
             fail(f"{name} must be a positive int, got {value!r}.")
-    if cfg.mlp_dim is not None and (not isinstance(cfg.mlp_dim, int) or cfg.mlp_dim <= 0):
-        fail(f"mlp_dim must be None or a positive int, got {cfg.mlp_dim!r}.")
     if not (isinstance(cfg.scale_factor, (int, float)) and 0 < cfg.scale_factor < math.inf):
         fail(f"scale_factor must be a positive finite number, got {cfg.scale_factor!r}.")
     if cfg.emb_dim % cfg.num_heads:
@@ -129,14 +124,12 @@ def _validate(cfg: Config) -> None:
 # ------------------------------------------------------------------------------------------
 # Patches: "b (h P) (w P) c -> b (h w) (P P c)"
 
-
 def patchify(x: jax.Array, patch_size: int) -> jax.Array:
     """[B, H, W, C] -> [B, N, D], patches in row-major order, each flattened (P, P, C)."""
     B, H, W, C = x.shape
     P = patch_size
     x = x.reshape(B, H // P, P, W // P, P, C)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(B, (H // P) * (W // P), P * P * C)
-
 
 def unpatchify(x: jax.Array, patch_size: int, image_shape: tuple[int, int, int]) -> jax.Array:
     """[B, N, D] -> [B, H, W, C]; the exact inverse of `patchify` (non-square images too)."""
@@ -149,7 +142,6 @@ def unpatchify(x: jax.Array, patch_size: int, image_shape: tuple[int, int, int])
 # ------------------------------------------------------------------------------------------
 # Splits: which half of the patch grid is x1 and which is x2
 
-
 def spatial_pattern(proj: str, nh: int, nw: int) -> np.ndarray:
     """Bool [nh, nw]: True where a token goes to x1 in a spatial coupling.
 
@@ -159,17 +151,12 @@ def spatial_pattern(proj: str, nh: int, nw: int) -> np.ndarray:
     base = {"checkerboard": row + col, "vstripes": col, "hstripes": row}[proj.removesuffix("-inv")]
     return (base % 2 == 0) != proj.endswith("-inv")
 
-
 def channel_split_index(perm: jax.Array, num_tokens: int) -> jax.Array:
-    """Index [N*D] into the flat [N, D] patch grid: x1 = dims perm[:D/2] of every token, x2 the rest.
-
-    Reading the first half gives x1 laid out [N, D/2], the second half x2 [N, D/2].
-    """
+    """Index [N*D] into the flat [N, D] patch grid: x1 = dims perm[:D/2] of every token laid out
+    [N, D/2], then x2 = dims perm[D/2:] likewise."""
     D = perm.shape[0]
-    token_start = (jnp.arange(num_tokens) * D)[:, None]  # [N, 1]
-    halves = [token_start + perm[None, : D // 2], token_start + perm[None, D // 2:]]
-    return jnp.concatenate([h.reshape(-1) for h in halves])
-
+    index = jnp.arange(num_tokens)[:, None] * D + perm[None, :]  # [N, D], dims in perm order
+    return index.reshape(num_tokens, 2, D // 2).transpose(1, 0, 2).reshape(-1)
 
 def spatial_split_index(tokens: jax.Array, token_dim: int) -> jax.Array:
     """Index [N*D]: x1 = whole tokens tokens[:N/2], x2 = tokens[N/2:], in that order.
@@ -178,7 +165,6 @@ def spatial_split_index(tokens: jax.Array, token_dim: int) -> jax.Array:
     D/2, so x1 and x2 are [N, D/2] exactly as in a channel coupling.
     """
     return (tokens[:, None] * token_dim + jnp.arange(token_dim)[None, :]).reshape(-1)
-
 
 def init_perms(key: jax.Array, cfg: Config) -> jax.Array:
     """int32 [depth, N*D]: row i is the split index of coupling i. Fixed, never trained."""
@@ -194,14 +180,12 @@ def init_perms(key: jax.Array, cfg: Config) -> jax.Array:
             rows.append(spatial_split_index(jnp.asarray(tokens), cfg.token_dim))
     return jnp.stack(rows).astype(jnp.int32)
 
-
 def split(x: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[B, N, D] -> x1, x2, each [B, N, D/2], by one exact gather."""
     B, N, D = x.shape
     x = jnp.take(x.reshape(B, N * D), index, axis=1)
     x1, x2 = jnp.split(x, 2, axis=1)
     return x1.reshape(B, N, D // 2), x2.reshape(B, N, D // 2)
-
 
 def merge(x1: jax.Array, x2: jax.Array, index: jax.Array) -> jax.Array:
     """x1, x2 [B, N, D/2] -> [B, N, D]; the exact inverse of `split` (gather by argsort)."""
@@ -216,27 +200,22 @@ def merge(x1: jax.Array, x2: jax.Array, index: jax.Array) -> jax.Array:
 _lecun_normal = jax.nn.initializers.lecun_normal()  # flax nn.Dense default
 _xavier_uniform = jax.nn.initializers.xavier_uniform()  # big_vision ViT kernels
 
-
 def init_dense(key, d_in, d_out, kernel_init=_lecun_normal, bias_std=0.0, dtype=jnp.float32):
     kb, kk = jax.random.split(key)
     return {"kernel": kernel_init(kk, (d_in, d_out), dtype),
             "bias": bias_std * jax.random.normal(kb, (d_out,), dtype)}
 
-
 def dense(p, x):
     """[B, N, d_in] -> [B, N, d_out]."""
     return jnp.einsum("bni,io->bno", x, p["kernel"]) + p["bias"][None, None, :]
 
-
 def init_layer_norm(d, dtype=jnp.float32):
     return {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
-
 
 def layer_norm(p, x, eps=1e-6):  # eps: flax nn.LayerNorm default
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"][None, None] + p["bias"][None, None]
-
 
 def init_attention(key, emb_dim, num_heads, dtype=jnp.float32):
     """Per-head projections shaped as flax MultiHeadDotProductAttention's: [E, heads, E/heads]."""
@@ -251,7 +230,6 @@ def init_attention(key, emb_dim, num_heads, dtype=jnp.float32):
                 "bias": jnp.zeros((emb_dim,), dtype)}
     return p
 
-
 def attention(p, x):
     """Multi-head self-attention, [B, N, E] -> [B, N, E]; query scaled by head_dim^-1/2."""
     def heads(q):  # [B, N, E] -> [B, N, heads, head_dim]
@@ -262,17 +240,14 @@ def attention(p, x):
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     return jnp.einsum("bqhd,hde->bqe", out, p["out"]["kernel"]) + p["out"]["bias"][None, None]
 
-
 def init_mlp(key, emb_dim, mlp_dim, dtype=jnp.float32):
     k1, k2 = jax.random.split(key)
     return {"fc1": init_dense(k1, emb_dim, mlp_dim, _xavier_uniform, 1e-6, dtype),
             "fc2": init_dense(k2, mlp_dim, emb_dim, _xavier_uniform, 1e-6, dtype)}
 
-
 def mlp(p, x):
     """[B, N, E] -> [B, N, mlp_dim] -> [B, N, E], tanh-approximated GELU (flax nn.gelu)."""
     return dense(p["fc2"], jax.nn.gelu(dense(p["fc1"], x), approximate=True))
-
 
 def init_vit_block(key, cfg: Config, dtype=jnp.float32):
     ka, km = jax.random.split(key)
@@ -280,7 +255,6 @@ def init_vit_block(key, cfg: Config, dtype=jnp.float32):
             "attention": init_attention(ka, cfg.emb_dim, cfg.num_heads, dtype),
             "ln2": init_layer_norm(cfg.emb_dim, dtype),
             "mlp": init_mlp(km, cfg.emb_dim, cfg.mlp_dim or 4 * cfg.emb_dim, dtype)}
-
 
 def vit_block(p, x):
     """Pre-LN transformer block with residuals: x + attn(LN(x)), then + mlp(LN(.))."""
@@ -290,7 +264,6 @@ def vit_block(p, x):
 
 # ------------------------------------------------------------------------------------------
 # Coupling net: x1 [B, N, D/2] -> b, s [B, N, D/2] (big_vision's DNN)
-
 
 def init_coupling_net(key, cfg: Config, dtype=jnp.float32):
     """Parameters of one coupling's ViT; the output layer is zero, so the coupling starts as
@@ -304,7 +277,6 @@ def init_coupling_net(key, cfg: Config, dtype=jnp.float32):
             "encoder_norm": init_layer_norm(E, dtype),
             "final_proj": init_dense(k_out, E, D, jax.nn.initializers.zeros, dtype=dtype)}
 
-
 def coupling_net(p, x1):
     """Dense + position embedding, `block_depth` ViT blocks (scanned), LN, Dense to (b, s)."""
     h = dense(p["init_proj"], x1) + p["posemb"][None]  # [B, N, E]
@@ -317,12 +289,10 @@ def coupling_net(p, x1):
 # ------------------------------------------------------------------------------------------
 # Coupling: y1 = x1, y2 = (x2 + b(x1)) * sigmoid(s(x1)) * k
 
-
 def coupling_scale(s, k):
     """Scale sigmoid(s) * k and its log-det, summed per example: [B, N, D/2] -> [B]."""
     logdet = jnp.sum(jax.nn.log_sigmoid(s) + math.log(k), axis=(1, 2))
     return jax.nn.sigmoid(s) * k, logdet
-
 
 def coupling_forward(p, index, x, k):
     """[B, N, D] -> y [B, N, D], log|det dy/dx| [B]."""
@@ -330,7 +300,6 @@ def coupling_forward(p, index, x, k):
     b, s = coupling_net(p, x1)
     scale, logdet = coupling_scale(s, k)
     return merge(x1, (x2 + b) * scale, index), logdet
-
 
 def coupling_inverse(p, index, y, k):
     """[B, N, D] -> x [B, N, D], log|det dx/dy| [B] (= minus the forward's)."""
@@ -343,7 +312,6 @@ def coupling_inverse(p, index, y, k):
 # ------------------------------------------------------------------------------------------
 # Flow: z = f(x), the couplings applied in order under one scan
 
-
 def init(key: jax.Array, cfg: Config, dtype=jnp.float32) -> tuple[dict, jax.Array]:
     """Returns (params, perms): params a nested dict whose leaves have a leading [depth] axis
     (one slice per coupling), perms int32 [depth, N*D] split indices (data, not trained)."""
@@ -351,7 +319,6 @@ def init(key: jax.Array, cfg: Config, dtype=jnp.float32) -> tuple[dict, jax.Arra
     net_keys = jax.random.split(k_params, cfg.depth)
     params = jax.vmap(lambda k: init_coupling_net(k, cfg, dtype))(net_keys)
     return params, init_perms(k_perms, cfg)
-
 
 def _check_input(x, perms, cfg, name):
     expected = (cfg.depth, cfg.num_tokens * cfg.token_dim)
@@ -362,17 +329,23 @@ def _check_input(x, perms, cfg, name):
         raise ValueError(f"perms has shape {tuple(perms.shape)} but this Config needs "
                          f"{expected}; were they made for another Config?")
 
+def forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config, remat: bool = False):
+    """x [B, H, W, C] in [-1, 1] -> z [B, H, W, C], log|det dz/dx| [B].
 
-def forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config):
-    """x [B, H, W, C] in [-1, 1] -> z [B, H, W, C], log|det dz/dx| [B]."""
+    remat=True recomputes each coupling's ViT activations during backprop instead of storing
+    them (as big_vision does): training memory then grows with depth * image size only.
+    """
     _check_input(x, perms, cfg, "x")
     h = patchify(x, cfg.patch_size)  # [B, N, D]
+    coupling = coupling_forward
+    if remat:
+        coupling = jax.checkpoint(coupling_forward, static_argnums=(3,),
+                                  policy=jax.checkpoint_policies.nothing_saveable)
     def step(h, layer):
         p, index = layer
-        return coupling_forward(p, index, h, cfg.scale_factor)
+        return coupling(p, index, h, cfg.scale_factor)
     h, logdets = jax.lax.scan(step, h, (params, perms))  # logdets [depth, B]
     return unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
-
 
 def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config):
     """z [B, H, W, C] -> x [B, H, W, C], log|det dx/dz| [B]; couplings in reverse order."""
@@ -388,7 +361,6 @@ def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config):
 # ------------------------------------------------------------------------------------------
 # Likelihood: uniform dequantization and bits per dimension
 
-
 def dequantize(key: jax.Array, images: jax.Array) -> jax.Array:
     """uint8 [B, H, W, C] -> float32 in [-1, 1): x = q/127.5 - 1 + u, u ~ U[0, 1/127.5).
 
@@ -400,7 +372,6 @@ def dequantize(key: jax.Array, images: jax.Array) -> jax.Array:
         raise ValueError(f"dequantize expects uint8 images, got {images.dtype}.")
     x = images.astype(jnp.float32) / 127.5 - 1.0
     return x + jax.random.uniform(key, images.shape, jnp.float32, 0.0, 1.0 / 127.5)
-
 
 def bits_per_dim(z: jax.Array, logdet: jax.Array) -> jax.Array:
     """Per-example bits/dim of 8-bit images, z [B, H, W, C], logdet [B] -> [B].
@@ -419,7 +390,6 @@ def bits_per_dim(z: jax.Array, logdet: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------------
 # Sampling
 
-
 def sample(params: dict, perms: jax.Array, key: jax.Array, n: int, cfg: Config,
            temperature: float = 1.0) -> jax.Array:
     """n images, uint8 [n, H, W, C]: z ~ N(0, T^2 I), x = f^-1(z) in one parallel pass.
@@ -435,7 +405,6 @@ def sample(params: dict, perms: jax.Array, key: jax.Array, n: int, cfg: Config,
 
 # ------------------------------------------------------------------------------------------
 # Loading official big_vision parameters
-
 
 def from_big_vision(flat: Mapping[str, np.ndarray], image_shape: tuple[int, int, int],
                     **model_kwargs) -> tuple[dict, jax.Array, Config]:
@@ -458,43 +427,40 @@ def from_big_vision(flat: Mapping[str, np.ndarray], image_shape: tuple[int, int,
                  **{**official_defaults, **{names[k]: v for k, v in model_kwargs.items()}})
     flat = {key.removeprefix("params/"): np.asarray(v) for key, v in flat.items()}
 
-    def get(path):
+    def get(path, *leaves):  # one array, or a dict of the arrays path/leaf
+        if leaves:
+            return {leaf: get(f"{path}/{leaf}") for leaf in leaves}
         if path not in flat:
             raise ValueError(f"Missing official parameter {path!r}; is `flat` a big_vision Jet "
                              "checkpoint for these model_kwargs?")
-        return jnp.asarray(flat[path])
+        return flat[path]
 
-    def dense_params(path):
-        return {"kernel": get(f"{path}/kernel"), "bias": get(f"{path}/bias")}
-
-    def ln_params(path):
-        return {"scale": get(f"{path}/scale"), "bias": get(f"{path}/bias")}
-
-    def block(i):
-        vit = f"couplings/dnn/vit/encoderblock_{i}"
+    def block(vit):  # flax names of vit.Encoder1DBlock
         mha = f"{vit}/MultiHeadDotProductAttention_0"
-        return {"ln1": ln_params(f"{vit}/LayerNorm_0"),
-                "attention": {n: dense_params(f"{mha}/{n}")
+        return {"ln1": get(f"{vit}/LayerNorm_0", "scale", "bias"),
+                "attention": {n: get(f"{mha}/{n}", "kernel", "bias")
                               for n in ("query", "key", "value", "out")},
-                "ln2": ln_params(f"{vit}/LayerNorm_1"),
-                "mlp": {"fc1": dense_params(f"{vit}/MlpBlock_0/Dense_0"),
-                        "fc2": dense_params(f"{vit}/MlpBlock_0/Dense_1")}}
+                "ln2": get(f"{vit}/LayerNorm_1", "scale", "bias"),
+                "mlp": {"fc1": get(f"{vit}/MlpBlock_0/Dense_0", "kernel", "bias"),
+                        "fc2": get(f"{vit}/MlpBlock_0/Dense_1", "kernel", "bias")}}
 
-    blocks = [block(i) for i in range(cfg.block_depth)]
-    params = {"init_proj": dense_params("couplings/dnn/init_proj"),
-              "posemb": get("couplings/dnn/posemb")[:, 0],  # [depth, 1, N, E] -> [depth, N, E]
-              "blocks": jax.tree.map(lambda *b: jnp.stack(b, axis=1), *blocks),
-              "encoder_norm": ln_params("couplings/dnn/vit/encoder_norm"),
-              "final_proj": dense_params("couplings/dnn/final_proj")}
+    dnn = "couplings/dnn"
+    blocks = [block(f"{dnn}/vit/encoderblock_{i}") for i in range(cfg.block_depth)]
+    params = {"init_proj": get(f"{dnn}/init_proj", "kernel", "bias"),
+              "posemb": get(f"{dnn}/posemb")[:, 0],  # [depth, 1, N, E] -> [depth, N, E]
+              "blocks": jax.tree.map(lambda *b: np.stack(b, axis=1), *blocks),
+              "encoder_norm": get(f"{dnn}/vit/encoder_norm", "scale", "bias"),
+              "final_proj": get(f"{dnn}/final_proj", "kernel", "bias")}
     expected = jax.eval_shape(lambda: init(jax.random.key(0), cfg)[0])
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params),
                                  jax.tree.leaves(expected)):
         if got.shape != want.shape:
             raise ValueError(f"Official parameter {jax.tree_util.keystr(path)} has shape "
                              f"{got.shape}, expected {want.shape} for {cfg}.")
+    params = jax.tree.map(jnp.asarray, params)
 
-    c_masks = np.asarray(flat["channel_coupling_masks-FREEZE_ME"])  # [depth, D, D]
-    s_masks = np.asarray(flat["spatial_coupling_masks-FREEZE_ME"])  # [depth, N, N]
+    c_masks = get("channel_coupling_masks-FREEZE_ME")  # [depth, D, D]
+    s_masks = get("spatial_coupling_masks-FREEZE_ME")  # [depth, N, N]
     rows = []
     for i, (kind, _) in enumerate(cfg.couplings()):
         mask = c_masks[i] if kind == "channels" else s_masks[i]

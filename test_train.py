@@ -1,0 +1,328 @@
+"""train.py end to end: download -> checksum -> parse -> train -> eval -> PNG -> kill -> resume,
+on one and two devices, and every kind of bad input. Small models on tiny data; each run of
+train.py is a few seconds, mostly compilation (shared between runs by a persistent cache)."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jet
+import train
+from test_data import make_cifar_tar, serve
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# 3 couplings of width 16 on 32x32 CIFAR-layout images: compiles in seconds.
+SMALL = ["--preset", "tiny", "--depth", "3", "--emb_dim", "16", "--num_heads", "2",
+         "--batch_size", "16", "--eval_batch_size", "24", "--log_every", "2"]
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent XLA cache shared by this module's in-process and subprocess runs."""
+    path = str(tmp_path_factory.mktemp("xla_cache"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield path
+    jax.config.update("jax_compilation_cache_dir", None)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory, compile_cache):
+    """A 160-train / 32-test-record archive in the real CIFAR-10 binary layout and its md5."""
+    root = tmp_path_factory.mktemp("cifar")
+    return root, make_cifar_tar(root / "cifar-10-binary.tar.gz", n=32)
+
+
+def run_train(*argv):
+    """train.main in this process; returns its result dict."""
+    return train.main([str(a) for a in argv])
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def comparable(records):
+    return [{k: v for k, v in r.items() if k != "img_per_s"} for r in records]
+
+
+def run_subprocess(argv, env_extra=None, **kwargs):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=HERE, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# The whole path, interrupted and resumed
+
+
+def test_download_train_eval_png_kill_resume(cifar, tmp_path):
+    """Served over HTTP on 127.0.0.1 the archive is downloaded and checked, training logs and
+    evaluates and writes PNG grids and checkpoints; a run SIGKILLed mid-way and re-run with the
+    same command ends with exactly the metrics and test bpd of an uninterrupted run."""
+    root, md5 = cifar
+    data_dir = tmp_path / "data"
+    with serve(root) as base:
+        common = [*SMALL, "--dataset", "cifar10", "--data_dir", data_dir, "--data_md5", md5,
+                  "--data_url", f"{base}/cifar-10-binary.tar.gz", "--steps", 16,
+                  "--eval_every", 8, "--ckpt_every", 4]
+        reference = run_train(*common, "--workdir", tmp_path / "reference")
+    assert os.listdir(data_dir) == ["cifar-10-binary.tar.gz"]  # cached, nothing else
+    records = metrics(tmp_path / "reference")
+    assert [r["step"] for r in records if "test_bpd" in r] == [8, 16]
+    assert records[-1]["test_bpd"] == reference["test_bpd"]
+    assert {"epoch", "train_bpd", "lr", "grad_norm", "img_per_s"} <= set(records[0])
+    assert sorted(p for p in os.listdir(tmp_path / "reference") if p.endswith(".png")) == [
+        "samples_0000008.png", "samples_0000016.png"]
+
+    # The same command, killed after step 10 (the server is gone: data comes from the cache).
+    workdir = tmp_path / "killed"
+    argv = [*common, "--workdir", workdir]
+    proc = run_subprocess(argv)
+    for line in proc.stdout:
+        if line.startswith("step 10/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert 8 <= json.loads(str(np.load(workdir / "checkpoint.npz")["meta"]))["step"] <= 12
+    with open(workdir / "checkpoint.npz.tmp", "wb") as f:  # as if killed while writing
+        f.write(b"PK\x03\x04 half a checkpoint")
+    resumed = run_train(*argv)
+    assert resumed["test_bpd"] == reference["test_bpd"]
+    assert comparable(metrics(workdir)) == comparable(records)
+
+    # The finished run answers --eval_only and --sample from its checkpoint alone.
+    again = run_train("--workdir", workdir, "--eval_only")
+    assert again == {"step": 16, "test_bpd": reference["test_bpd"]}
+    out = run_train("--workdir", workdir, "--sample", 10, "--temperature", 0.8)
+    assert png_size(out["samples"]) == (3 * 33 + 1, 4 * 33 + 1)  # 3 rows of 4
+
+
+def test_interrupted_checkpoint_write_resumes_exactly(cifar, tmp_path, monkeypatch):
+    """Interrupted between writing a checkpoint's temporary file and renaming it, a run
+    resumes from the previous checkpoint and still ends exactly like an uninterrupted one."""
+    root, md5 = cifar
+    argv = [*SMALL, "--dataset", "cifar10", "--data_dir", root, "--data_md5", md5,
+            "--steps", 8, "--eval_every", 8, "--ckpt_every", 3]
+    reference = run_train(*argv, "--workdir", tmp_path / "reference")
+    calls = []
+
+    def replace_then_die(src, dst):
+        calls.append(dst)
+        if str(dst).endswith("checkpoint.npz") and len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies here, the .tmp is complete
+        return os.rename(src, dst)
+    monkeypatch.setattr(train.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(*argv, "--workdir", tmp_path / "run")
+    monkeypatch.undo()
+    meta = json.loads(str(np.load(tmp_path / "run" / "checkpoint.npz")["meta"]))
+    assert meta["step"] == 3
+    assert run_train(*argv, "--workdir", tmp_path / "run") == reference
+
+
+def test_two_devices_give_the_losses_of_one(tmp_path):
+    """Data parallel over 2 (forced host) devices: the same losses and test bpd as 1 device,
+    within float tolerance; a batch that does not split over the devices is refused."""
+    argv = [*SMALL, "--dataset", "synthetic", "--steps", 6, "--eval_every", 6]
+    results = {}
+    for n in (1, 2):
+        proc = run_subprocess([*argv, "--workdir", tmp_path / str(n)], env_extra={
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+        output = proc.communicate()[0]
+        assert proc.returncode == 0, output
+        assert f"{n} cpu device(s)" in output
+        results[n] = metrics(tmp_path / str(n))
+    for one, two in zip(results[1], results[2]):
+        for key in ("train_bpd", "test_bpd", "grad_norm"):
+            if key in one:
+                np.testing.assert_allclose(two[key], one[key], rtol=2e-5)
+    proc = run_subprocess([*argv, "--batch_size", 15, "--workdir", tmp_path / "odd"],
+                          env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    output = proc.communicate()[0]
+    assert proc.returncode == 1 and "not divisible by the 2 devices" in output
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: a clear one-line error, and nothing changed
+
+
+def expect_error(capsys, message, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(*argv)
+    assert message in str(exit_info.value), exit_info.value
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_bad_input_is_refused_clearly(cifar, tmp_path, capsys):
+    """Checksum mismatch (nothing cached), unknown dataset, patch size that does not divide
+    the image, --eval_only without a checkpoint."""
+    root, md5 = cifar
+    data_dir = tmp_path / "data"
+    expect_error(capsys, "md5", "--dataset", "cifar10", "--data_dir", data_dir,
+                 "--data_url", (root / "cifar-10-binary.tar.gz").as_uri(),
+                 "--data_md5", "0" * 32, "--workdir", tmp_path / "w")
+    assert not data_dir.exists() or os.listdir(data_dir) == []
+    expect_error(capsys, "unknown dataset 'cifar100'", "--dataset", "cifar100",
+                 "--workdir", tmp_path / "w")
+    expect_error(capsys, "patch_size=5 must divide", *SMALL, "--dataset", "synthetic",
+                 "--patch_size", 5, "--workdir", tmp_path / "w")
+    expect_error(capsys, "need a checkpoint", "--workdir", tmp_path / "none", "--eval_only")
+    assert not (tmp_path / "w").exists()
+
+
+def test_checkpoint_problems_are_refused(cifar, tmp_path, capsys):
+    """Resuming with another model, a truncated checkpoint and a foreign .npz all refuse."""
+    argv = [*SMALL, "--dataset", "synthetic", "--steps", 2, "--eval_every", 2]
+    run_train(*argv, "--workdir", tmp_path / "run")
+    expect_error(capsys, "changes the model", *argv, "--emb_dim", 32,
+                 "--workdir", tmp_path / "run")
+    expect_error(capsys, "changes {'lr'", *argv, "--lr", 0.1, "--workdir", tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoint.npz"
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[: len(good) // 2])
+    expect_error(capsys, "not a readable Jet checkpoint", *argv, "--workdir", tmp_path / "run")
+    np.savez(ckpt, meta=np.array(json.dumps({"step": 1, "flags": {}, "config": {}})))  # foreign
+    expect_error(capsys, "not a readable Jet checkpoint", "--workdir", tmp_path / "run",
+                 "--eval_only")
+    with open(ckpt, "wb") as f:
+        f.write(open(os.path.join(HERE, "testdata", "big_vision_jet_a.npz"), "rb").read())
+    expect_error(capsys, "not a readable Jet checkpoint", "--workdir", tmp_path / "run",
+                 "--eval_only")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    """An absurd learning rate blows the loss up; training stops naming the step and the
+    checkpoint on disk is one from before it."""
+    argv = [*SMALL, "--dataset", "synthetic", "--steps", 40, "--lr", 1e12, "--warmup", 0,
+            "--ckpt_every", 1, "--eval_every", 100, "--workdir", tmp_path]
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(*argv)
+    message = str(exit_info.value)
+    assert "became" in message and "at step" in message
+    bad_step = int(message.split("at step ")[1].split(";")[0])
+    meta = json.loads(str(np.load(tmp_path / "checkpoint.npz")["meta"]))
+    assert meta["step"] == bad_step - 1
+
+
+def test_init_from_copies_params_and_perms_only(tmp_path, capsys):
+    """--init_from starts a new run (step 0, fresh optimizer) from another run's params and
+    permutations; a different model is refused."""
+    argv = [*SMALL, "--dataset", "synthetic", "--eval_every", 100]
+    run_train(*argv, "--steps", 3, "--workdir", tmp_path / "pre")
+    run_train(*argv, "--steps", 1, "--lr", 0, "--weight_decay", 0, "--init_from", tmp_path / "pre",
+              "--workdir", tmp_path / "fine")
+    pre = np.load(tmp_path / "pre" / "checkpoint.npz")
+    fine = np.load(tmp_path / "fine" / "checkpoint.npz")
+    assert json.loads(str(fine["meta"]))["step"] == 1
+    for name in pre.files:
+        if name.startswith("['params']") or name.startswith("['perms']"):
+            np.testing.assert_array_equal(fine[name], pre[name], err_msg=name)
+    expect_error(capsys, "pass the same model flags", *argv, "--depth", 2, "--steps", 1,
+                 "--init_from", tmp_path / "pre", "--workdir", tmp_path / "other")
+
+
+# ------------------------------------------------------------------------------------------
+# Pieces
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])[::-1]  # (height, width)
+
+
+def decode_png(path):
+    """A minimal independent PNG decoder for 8-bit, filter-0 images."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    pos, chunks = 8, {}
+    while pos < len(blob):
+        length, tag = struct.unpack(">I4s", blob[pos:pos + 8])
+        body = blob[pos + 8:pos + 8 + length]
+        assert zlib.crc32(tag + body) == struct.unpack(">I", blob[pos + 8 + length:][:4])[0]
+        chunks[tag] = chunks.get(tag, b"") + body
+        pos += 12 + length
+    width, height, _, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    channels = {0: 1, 2: 3}[color]
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8)
+    rows = raw.reshape(height, 1 + width * channels)
+    assert (rows[:, 0] == 0).all()
+    return rows[:, 1:].reshape(height, width, channels)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_grid_holds_the_images(tmp_path, channels):
+    """write_png lays n images on a ceil(sqrt(n))-wide grid with 1-pixel white borders."""
+    images = np.random.default_rng(0).integers(0, 256, (5, 4, 6, channels), dtype=np.uint8)
+    train.write_png(tmp_path / "g.png", images)
+    grid = decode_png(tmp_path / "g.png")
+    assert grid.shape == (2 * 5 + 1, 3 * 7 + 1, channels)
+    for i, image in enumerate(images):
+        r, c = divmod(i, 3)
+        np.testing.assert_array_equal(grid[1 + 5 * r:5 * r + 5, 1 + 7 * c:7 * c + 7], image)
+    assert (grid[0] == 255).all() and (grid[:, 0] == 255).all()
+
+
+def test_optimizer_is_big_vision_chain():
+    """One update equals -schedule(t) * (lr * adam(g) + wd * p), with clipping first; the
+    schedule warms up linearly from 0 and decays by a cosine to 0."""
+    f = dict(train.RECIPE, steps=100, lr=0.01, weight_decay=0.1, clip=1.0)
+    tx = train.make_optimizer(f)
+    params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    grads = {"w": jnp.array([30.0, 40.0, 0.0])}  # norm 50 -> clipped to norm 1
+    state = tx.init(params)
+    for step in range(12):
+        updates, state = tx.update(grads, state, params)
+        sched = float(train.schedule(step, 100, 10))
+        # Adam with a constant gradient g: m_hat = g, v_hat = g^2, so the step is sign-like.
+        g = grads["w"] / 50.0
+        adam = g / (jnp.abs(g) + 1e-8)
+        np.testing.assert_allclose(updates["w"], -sched * (0.01 * adam + 0.1 * params["w"]),
+                                   rtol=1e-5, atol=1e-7)
+    assert float(train.schedule(0, 100, 10)) == 0.0
+    assert float(train.schedule(10, 100, 10)) == pytest.approx(1.0)
+    assert float(train.schedule(55, 100, 10)) == pytest.approx(0.5)
+    assert float(train.schedule(100, 100, 10)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_forward_flops_matches_xla_count():
+    """The analytic matmul FLOPs per image agree with XLA's cost analysis of jet.forward."""
+    # One coupling of one block: XLA counts a scanned loop body once, not once per iteration.
+    cfg = jet.Config(image_shape=(16, 16, 3), patch_size=2, depth=1, block_depth=1,
+                     emb_dim=32, num_heads=4)
+    params, perms = jax.eval_shape(lambda: jet.init(jax.random.key(0), cfg))
+    x = jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32)
+    cost = jax.jit(jet.forward, static_argnums=3).lower(params, perms, x, cfg).compile()
+    analysis = cost.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    per_image = analysis["flops"] / 8
+    assert train.forward_flops(cfg) == pytest.approx(per_image, rel=0.1)
+
+
+def test_presets_build_valid_configs():
+    """Every preset gives a valid Config for the image size of its dataset."""
+    shapes = {"tiny": (32, 32, 3), "cifar10": (32, 32, 3), "imagenet32": (32, 32, 3),
+              "imagenet64": (64, 64, 3), "fashion_mnist": (28, 28, 1)}
+    for name, preset in train.PRESETS.items():
+        cfg = jet.Config(image_shape=shapes[name],
+                         **{k: v for k, v in preset.items() if k in train.MODEL_FLAGS})
+        assert cfg.num_tokens % 2 == 0
+    big = train.PRESETS["imagenet64"]
+    assert (big["depth"], big["block_depth"], big["emb_dim"], big["num_heads"],
+            big["patch_size"], big["batch_size"]) == (32, 2, 512, 8, 4, 1024)
