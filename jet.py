@@ -364,9 +364,10 @@ def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config):
 def dequantize(key: jax.Array, images: jax.Array) -> jax.Array:
     """uint8 [B, H, W, C] -> float32 in [-1, 1): x = q/127.5 - 1 + u, u ~ U[0, 1/127.5).
 
-    Integer q covers the cell [q/127.5 - 1, (q+1)/127.5 - 1) of width 1/127.5; adding uniform
-    noise makes a continuous density p(x) whose integral over the cell lower-bounds P(q)
-    (Theis et al. 2016), as the official trainer does.
+    Integer q owns the cell [q/127.5 - 1, (q+1)/127.5 - 1) of width 1/127.5. A density p on x
+    gives q the probability P(q) = integral of p over its cell, and fitting p to the noisy x
+    maximises a lower bound on log P(q) (Theis et al. 2016; see bits_per_dim). This is the
+    official trainer's noise.
     """
     if images.dtype != jnp.uint8:
         raise ValueError(f"dequantize expects uint8 images, got {images.dtype}.")
@@ -377,9 +378,9 @@ def bits_per_dim(z: jax.Array, logdet: jax.Array) -> jax.Array:
     """Per-example bits/dim of 8-bit images, z [B, H, W, C], logdet [B] -> [B].
 
     Change of variables: -log p(x) = -log N(z; 0, I) - log|det dz/dx|, with
-    -log N(z; 0, I) = sum(z^2/2 + log(2 pi)/2). The discrete probability of a pixel is its cell
-    volume (1/127.5 per dim) times the density, so -log P(q) <= -log p(x) + H*W*C * log 127.5.
-    Dividing by H*W*C * ln 2 turns nats into bits per dimension.
+    -log N(z; 0, I) = sum(z^2/2 + log(2 pi)/2). With x = q/127.5 - 1 + u and cells of volume
+    127.5^-(H*W*C), Jensen's inequality gives -log P(q) <= E_u[-log p(x)] + H*W*C * log 127.5:
+    this per-example bound, divided by H*W*C * ln 2 to turn nats into bits per dimension.
     """
     dims = math.prod(z.shape[1:])
     nll = jnp.sum(0.5 * jnp.square(z), axis=(1, 2, 3)) + dims * (0.5 * math.log(2 * math.pi)

@@ -78,7 +78,7 @@ def test_download_train_eval_png_kill_resume(cifar, tmp_path):
     with serve(root) as base:
         common = [*SMALL, "--dataset", "cifar10", "--data_dir", data_dir, "--data_md5", md5,
                   "--data_url", f"{base}/cifar-10-binary.tar.gz", "--steps", 16,
-                  "--eval_every", 8, "--ckpt_every", 4]
+                  "--eval_every", 8, "--ckpt_every", 4, "--log_every", 3]
         reference = run_train(*common, "--workdir", tmp_path / "reference")
     assert os.listdir(data_dir) == ["cifar-10-binary.tar.gz"]  # cached, nothing else
     records = metrics(tmp_path / "reference")
@@ -88,12 +88,13 @@ def test_download_train_eval_png_kill_resume(cifar, tmp_path):
     assert sorted(p for p in os.listdir(tmp_path / "reference") if p.endswith(".png")) == [
         "samples_0000008.png", "samples_0000016.png"]
 
-    # The same command, killed after step 10 (the server is gone: data comes from the cache).
+    # The same command, killed after step 9 (the server is gone: data comes from the cache).
+    # Checkpoints (every 4) fall inside log windows (every 3), which must survive the resume.
     workdir = tmp_path / "killed"
     argv = [*common, "--workdir", workdir]
     proc = run_subprocess(argv)
     for line in proc.stdout:
-        if line.startswith("step 10/"):
+        if line.startswith("step 9/"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()

@@ -45,7 +45,7 @@ PRESETS = {
     # couplings plateau near 6.4 bpd where 12 narrow ones keep improving (README has figures).
     "tiny": dict(patch_size=4, depth=12, block_depth=1, emb_dim=32, num_heads=2, batch_size=64,
                  steps=500, lr=1e-3, log_every=25, eval_every=250, ckpt_every=100,
-                 remat=False),
+                 remat=True),
     # The official imagenet64 model (32 couplings, block depth 2, width 512, 8 heads, 4 channel
     # couplings then 1 spatial, all six spatial projections) on the paper's 256-token grid:
     # P=2 on 32x32. Batch 256 instead of 1024 so that it fits one GPU.
@@ -67,8 +67,8 @@ PRESETS = {
 PRESETS["imagenet32"] = PRESETS["cifar10"] | dict(batch_size=1024, epochs=40)
 DEFAULT_PRESET = {"cifar10": "cifar10", "imagenet64": "imagenet64", "imagenet32": "imagenet32",
                   "mnist": "fashion_mnist", "fashion_mnist": "fashion_mnist"}  # else "tiny"
-RECIPE_FLAGS = ("dataset", "batch_size", "steps", "lr", "warmup", "weight_decay", "clip", "b1",
-                "b2", "seed")  # a resumed run must use the same values
+RECIPE_FLAGS = ("dataset", "preset", "batch_size", "steps", "lr", "warmup", "weight_decay",
+                "clip", "b1", "b2", "seed")  # a resumed run must use the same values
 GRID = 64  # samples in the grid written at every evaluation
 CHECKPOINT_FORMAT = "jet-train-checkpoint-v1"  # in every checkpoint's metadata
 
@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("kinds", "channel_projs", "spatial_projs"):
         a(f"--{name}", type=lambda s: tuple(s.split(",")), help=f"jet.Config.{name}, commas")
     a("--remat", action=argparse.BooleanOptionalAction, help="recompute coupling activations "
-      "in backprop, as big_vision does: less memory, ~30%% more compute")
+      "in backprop, as big_vision does: less memory for one more forward pass")
     a("--batch_size", type=int, help="global batch, split over all devices")
     a("--steps", type=int, help="training steps (overrides --epochs)")
     a("--epochs", type=float, help="training epochs (drop-remainder batches)")
@@ -397,7 +397,9 @@ def run(args) -> dict:
     train_step = make_train_step(cfg, tx, bool(f["remat"]))
     total, bs = f["steps"], f["batch_size"]
     steps_per_epoch = data.steps_per_epoch(len(train), bs)
-    test_bpd, window, timer, prev = None, [], None, None
+    # Losses since the last log line; kept in checkpoints so a resumed run logs the same means.
+    window = [tuple(pair) for pair in (meta or {}).get("log_window", [])]
+    test_bpd, timer, prev = None, None, None
     if step >= total:
         print(f"{args.workdir} has finished its {total} steps; see --eval_only.", flush=True)
     while step < total:
@@ -441,10 +443,10 @@ def run(args) -> dict:
                 write_png(os.path.join(args.workdir, f"samples_{step:07d}.png"), to_host(grid))
             timer = (time.time(), step)  # img/s counts training only
         if (step % f["ckpt_every"] == 0 or step == total) and is_main:
-            meta = {"format": CHECKPOINT_FORMAT, "step": step,
-                    "config": dataclasses.asdict(cfg), "flags": f,
-                    "data": {"seed": f["seed"], "next_batch": step}}
-            save_checkpoint(ckpt_path, state, meta)
+            save_checkpoint(ckpt_path, state, {
+                "format": CHECKPOINT_FORMAT, "step": step, "config": dataclasses.asdict(cfg),
+                "flags": f, "data": {"seed": f["seed"], "next_batch": step},
+                "log_window": window})
     return {"step": step, "test_bpd": test_bpd}
 
 
