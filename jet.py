@@ -159,11 +159,9 @@ def channel_split_index(perm: jax.Array, num_tokens: int) -> jax.Array:
     return index.reshape(num_tokens, 2, D // 2).transpose(1, 0, 2).reshape(-1)
 
 def spatial_split_index(tokens: jax.Array, token_dim: int) -> jax.Array:
-    """Index [N*D]: x1 = whole tokens tokens[:N/2], x2 = tokens[N/2:], in that order.
-
-    As in big_vision, each selected token of width D is read as two consecutive tokens of width
-    D/2, so x1 and x2 are [N, D/2] exactly as in a channel coupling.
-    """
+    """Index [N*D]: x1 = whole tokens tokens[:N/2], x2 = tokens[N/2:]. As in big_vision, each
+    token of width D is read as two consecutive tokens of width D/2, so x1 and x2 are [N, D/2]
+    exactly as in a channel coupling."""
     return (tokens[:, None] * token_dim + jnp.arange(token_dim)[None, :]).reshape(-1)
 
 def init_perms(key: jax.Array, cfg: Config) -> jax.Array:
@@ -415,17 +413,15 @@ def from_big_vision(flat: Mapping[str, np.ndarray], image_shape: tuple[int, int,
     are big_vision `jet.Model` arguments. Permutations are read from the stored one-hot
     matrices, so the result computes exactly the official map.
     """
-    names = {"depth": "depth", "block_depth": "block_depth", "emb_dim": "emb_dim",
-             "num_heads": "num_heads", "scale_factor": "scale_factor", "ps": "patch_size",
-             "kinds": "kinds", "channels_coupling_projs": "channel_projs",
-             "spatial_coupling_projs": "spatial_projs"}
-    unknown = set(model_kwargs) - set(names)
-    if unknown:
-        raise ValueError(f"Unknown big_vision jet.Model arguments {sorted(unknown)}; "
-                         f"expected some of {sorted(names)}.")
-    official_defaults = {"depth": 2, "emb_dim": 256, "patch_size": 4}  # jet.Model's own
-    cfg = Config(image_shape=tuple(image_shape),
-                 **{**official_defaults, **{names[k]: v for k, v in model_kwargs.items()}})
+    renames = {"ps": "patch_size", "channels_coupling_projs": "channel_projs",
+               "spatial_coupling_projs": "spatial_projs"}
+    known = {"depth", "block_depth", "emb_dim", "num_heads", "scale_factor", "kinds", *renames}
+    if set(model_kwargs) - known:
+        raise ValueError(f"Unknown big_vision jet.Model arguments "
+                         f"{sorted(set(model_kwargs) - known)}; expected some of {sorted(known)}.")
+    kwargs = {renames.get(k, k): v for k, v in model_kwargs.items()}
+    cfg = Config(image_shape=tuple(image_shape),  # jet.Model's own defaults first
+                 **{"depth": 2, "emb_dim": 256, "patch_size": 4, **kwargs})
     flat = {key.removeprefix("params/"): np.asarray(v) for key, v in flat.items()}
 
     def get(path, *leaves):  # one array, or a dict of the arrays path/leaf

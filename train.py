@@ -363,10 +363,11 @@ def run(args) -> dict:
         print(f"Resuming {args.workdir} at step {step}.", flush=True)
     else:
         rng = jax.random.key_data(jax.random.key(f["seed"]))
-        params, perms = jax.jit(jet.init, static_argnums=1)(
-            run_keys(jax.random.wrap_key_data(rng))["init"], cfg)
         if f.get("init_from"):
             params, perms = load_params(f["init_from"], state_template(cfg, None), cfg)
+        else:
+            params, perms = jax.jit(jet.init, static_argnums=1)(
+                run_keys(jax.random.wrap_key_data(rng))["init"], cfg)
         state = {"params": params, "perms": perms, "rng": rng, "opt_state": tx.init(params)}
         step = 0
     del arrays
