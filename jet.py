@@ -73,13 +73,9 @@ class Config:
 
     def couplings(self) -> tuple[tuple[str, str], ...]:
         """(kind, projection) of each coupling, cycled as big_vision's _interleave_couplings."""
-        kinds, cp, sp = (itertools.cycle(t) for t in (self.kinds, self.channel_projs,
-                                                      self.spatial_projs))
-        out = []
-        for _ in range(self.depth):
-            kind = next(kinds)
-            out.append((kind, next(cp) if kind == "channels" else next(sp)))
-        return tuple(out)
+        kinds, cp, sp = map(itertools.cycle, (self.kinds, self.channel_projs, self.spatial_projs))
+        return tuple((kind, next(cp) if kind == "channels" else next(sp))
+                     for kind in itertools.islice(kinds, self.depth))
 
 def _validate(cfg: Config) -> None:
     """Raises ValueError naming the field to change; run once, at construction."""
@@ -109,9 +105,7 @@ def _validate(cfg: Config) -> None:
         if not values or any(v not in allowed for v in values):
             fail(f"{field}={values}: each entry must be one of {allowed} (at least one).")
     nh, nw = cfg.grid
-    for kind, proj in set(cfg.couplings()):
-        if kind != "spatial":
-            continue
+    for proj in {proj for kind, proj in cfg.couplings() if kind == "spatial"}:
         n1 = int(spatial_pattern(proj, nh, nw).sum())
         if 2 * n1 != nh * nw:
             fail(f"spatial projection {proj!r} splits the {nh}x{nw} token grid into {n1} and "
@@ -339,9 +333,7 @@ def forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config, remat: bo
     if remat:
         coupling = jax.checkpoint(coupling_forward, static_argnums=(3,),
                                   policy=jax.checkpoint_policies.nothing_saveable)
-    def step(h, layer):
-        p, index = layer
-        return coupling(p, index, h, cfg.scale_factor)
+    step = lambda h, layer: coupling(*layer, h, cfg.scale_factor)  # noqa: E731 (p, index)
     h, logdets = jax.lax.scan(step, h, (params, perms))  # logdets [depth, B]
     return unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
 
@@ -349,9 +341,7 @@ def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config):
     """z [B, H, W, C] -> x [B, H, W, C], log|det dx/dz| [B]; couplings in reverse order."""
     _check_input(z, perms, cfg, "z")
     h = patchify(z, cfg.patch_size)  # [B, N, D]
-    def step(h, layer):
-        p, index = layer
-        return coupling_inverse(p, index, h, cfg.scale_factor)
+    step = lambda h, layer: coupling_inverse(*layer, h, cfg.scale_factor)  # noqa: E731
     h, logdets = jax.lax.scan(step, h, (params, perms), reverse=True)
     return unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
 

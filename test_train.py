@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+import bench
 import jet
 import train
 from test_data import make_cifar_tar, serve
@@ -318,10 +319,8 @@ def test_forward_flops_matches_xla_count():
 
 def test_presets_build_valid_configs():
     """Every preset gives a valid Config for the image size of its dataset."""
-    shapes = {"tiny": (32, 32, 3), "cifar10": (32, 32, 3), "imagenet32": (32, 32, 3),
-              "imagenet64": (64, 64, 3), "fashion_mnist": (28, 28, 1)}
     for name, preset in train.PRESETS.items():
-        cfg = jet.Config(image_shape=shapes[name],
+        cfg = jet.Config(image_shape=bench.SHAPES[name],
                          **{k: v for k, v in preset.items() if k in train.MODEL_FLAGS})
         assert cfg.num_tokens % 2 == 0
     big = train.PRESETS["imagenet64"]

@@ -293,12 +293,19 @@ def make_evaluate(cfg: jet.Config, test: np.ndarray, batch_size: int, put_batch)
     return evaluate
 
 
-sample_fn = jax.jit(jet.sample, static_argnums=(3, 4))
-
-
 def run_keys(rng: jax.Array) -> dict[str, jax.Array]:
     """Every random stream of a run, derived from the one key stored in its checkpoints."""
     return dict(zip(("init", "noise", "eval", "sample"), jax.random.split(rng, 4)))
+
+
+_sample = jax.jit(jet.sample, static_argnums=(3, 4))
+
+
+def write_samples(path: str, state: dict, cfg: jet.Config, n: int, temperature: float) -> None:
+    """A PNG grid of n samples, drawn with the run's sample key (the same noise every time)."""
+    key = run_keys(jax.random.wrap_key_data(state["rng"]))["sample"]
+    images = _sample(state["params"], state["perms"], key, n, cfg, temperature)
+    write_png(path, to_host(images))
 
 
 def state_template(cfg: jet.Config, tx) -> dict:
@@ -328,8 +335,11 @@ def run(args) -> dict:
     f = resolve(args, meta and meta["flags"])
     cfg = meta and check_same_run(args, meta, f)
     if args.sample:
+        path = os.path.join(args.workdir, f"samples_T{args.temperature:g}_n{args.sample}.png")
         state = restore(arrays, state_template(cfg, None), ckpt_path)
-        return write_samples(args, state, cfg)
+        write_samples(path, state, cfg, args.sample, args.temperature)
+        print(f"Wrote {args.sample} samples to {path}.", flush=True)
+        return {"samples": path}
 
     dataset = data.load(f["dataset"], f.get("data_dir"), url=f.get("data_url"),
                         md5=f.get("data_md5"))
@@ -407,19 +417,16 @@ def run(args) -> dict:
         batch = put_batch(train[data.batch_indices(len(train), bs, f["seed"], step)])
         state, out = train_step(state, batch, step, keys["noise"])
         step += 1
-        # The previous step's loss is read while this one runs (no stall), and every
-        # log/eval/checkpoint step is checked before anything is written.
+        # The previous step's loss is read while this one runs (no stall); the first step (it
+        # compiles, so timing starts after it) and every log/eval/checkpoint step are read at
+        # once, so no state with a non-finite loss is ever logged or written.
         if prev:
             window.append(check_finite(*prev, args.workdir))
         prev = (step, out)
-        if timer is None:  # the first step includes compilation: time from its end
+        if timer is None or step == total or any(
+                step % f[n] == 0 for n in ("log_every", "eval_every", "ckpt_every")):
             window.append(check_finite(*prev, args.workdir))
-            prev, timer = None, (time.time(), step)
-        boundary = step == total or any(step % f[n] == 0
-                                        for n in ("log_every", "eval_every", "ckpt_every"))
-        if boundary and prev:
-            window.append(check_finite(*prev, args.workdir))
-            prev = None
+            prev, timer = None, timer or (time.time(), step)
         if (step % f["log_every"] == 0 or step == total) and window:
             rate = (step - timer[1]) * bs / max(time.time() - timer[0], 1e-9)
             eta = (total - step) * bs / rate if rate else 0.0
@@ -439,9 +446,8 @@ def run(args) -> dict:
             print(f"step {step}/{total} | test {test_bpd:.4f} bpd", flush=True)
             log({"step": step, "test_bpd": test_bpd})
             if is_main:
-                grid = sample_fn(state["params"], state["perms"], keys["sample"], GRID, cfg,
-                                 args.temperature)
-                write_png(os.path.join(args.workdir, f"samples_{step:07d}.png"), to_host(grid))
+                write_samples(os.path.join(args.workdir, f"samples_{step:07d}.png"), state, cfg,
+                              GRID, args.temperature)
             timer = (time.time(), step)  # img/s counts training only
         if (step % f["ckpt_every"] == 0 or step == total) and is_main:
             save_checkpoint(ckpt_path, state, {
@@ -496,16 +502,6 @@ def load_params(path: str, template: dict, cfg: jet.Config):
     restored = restore(arrays, template, path)
     print(f"Initialised params from {path} (step {meta['step']}).", flush=True)
     return restored["params"], restored["perms"]
-
-
-def write_samples(args, state: dict, cfg: jet.Config) -> dict:
-    """--sample N: a grid of N samples at --temperature; N = 64 repeats the eval grids' noise."""
-    key = run_keys(jax.random.wrap_key_data(state["rng"]))["sample"]
-    images = sample_fn(state["params"], state["perms"], key, args.sample, cfg, args.temperature)
-    path = os.path.join(args.workdir, f"samples_T{args.temperature:g}_n{args.sample}.png")
-    write_png(path, to_host(images))
-    print(f"Wrote {args.sample} samples to {path}.", flush=True)
-    return {"samples": path}
 
 
 if __name__ == "__main__":
