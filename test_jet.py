@@ -169,22 +169,38 @@ def test_spatial_split_reads_whole_patches_as_two_tokens():
 # The flow is a bijection with the right log-determinant
 
 
+ROUND_TRIP_BOUND = 5e-5  # per coupling, relative to max(1, largest value): 10x the worst
+# of 150 random configurations (python test_jet.py prints it for 40)
+
+
+def round_trip(params, perms, cfg, x, z):
+    """Errors of x -> f -> f^-1 and of z -> f^-1 -> f, each divided by depth * max(1, largest
+    value the trip passes through): float32 loses precision in proportion to magnitude, and
+    every coupling adds its rounding. Also returns both pairs of log-dets."""
+    fx, logdet = forward(params, perms, x, cfg)
+    x_back, logdet_back = inverse(params, perms, fx, cfg)
+    iz, inv_logdet = inverse(params, perms, z, cfg)
+    z_back, inv_logdet_back = forward(params, perms, iz, cfg)
+
+    def error(got, want, through):
+        scale = max(1.0, float(jnp.abs(want).max()), float(jnp.abs(through).max()))
+        return float(jnp.abs(got - want).max()) / (cfg.depth * scale)
+    return (error(x_back, x, fx), error(z_back, z, iz),
+            [(logdet_back, -logdet), (inv_logdet_back, -inv_logdet)])
+
+
 @given(configs(), st.integers(0, 2 ** 31 - 1))
 def test_invertible_in_float32(cfg, seed):
-    """inverse(forward(x)) = x and forward(inverse(z)) = z to float32 precision, and the
-    inverse log-det is minus the forward one at corresponding points."""
+    """inverse(forward(x)) = x and forward(inverse(z)) = z to float32 precision (ROUND_TRIP_BOUND
+    per coupling, relative to the magnitudes involved), and the inverse log-det is minus the
+    forward one at corresponding points."""
     k_x, k_z = jax.random.split(jax.random.key(seed))
     params, perms = random_params(cfg, seed)
     x = images(k_x, cfg)
-    z, logdet = forward(params, perms, x, cfg)
-    x_back, logdet_back = inverse(params, perms, z, cfg)
-    np.testing.assert_allclose(x_back, x, atol=1e-4 * cfg.depth, rtol=0)
-    np.testing.assert_allclose(logdet_back, -logdet, rtol=1e-5, atol=1e-3)
-    z = jax.random.normal(k_z, x.shape)
-    x, logdet = inverse(params, perms, z, cfg)
-    z_back, logdet_back = forward(params, perms, x, cfg)
-    np.testing.assert_allclose(z_back, z, atol=1e-4 * cfg.depth, rtol=0)
-    np.testing.assert_allclose(logdet_back, -logdet, rtol=1e-5, atol=1e-3)
+    x_error, z_error, logdets = round_trip(params, perms, cfg, x, jax.random.normal(k_z, x.shape))
+    assert x_error <= ROUND_TRIP_BOUND and z_error <= ROUND_TRIP_BOUND
+    for back, expected in logdets:
+        np.testing.assert_allclose(back, expected, rtol=1e-5, atol=1e-3)
 
 
 @given(configs(max_depth=3), st.integers(0, 2 ** 31 - 1))
@@ -546,3 +562,33 @@ def test_from_big_vision_rejects_bad_checkpoints():
                             (16, 16, 3), **kwargs)
     with pytest.raises(ValueError, match="shape"):
         jet.from_big_vision(flat, (16, 16, 3), **{**kwargs, "emb_dim": 64, "num_heads": 4})
+
+
+# ------------------------------------------------------------------------------------------
+# `python test_jet.py` prints the figures the README quotes (the tests only assert bounds).
+
+
+def report(draws=40):
+    with jax.enable_x64(True):
+        for path in GOLDEN:
+            params, perms, cfg, d = load_golden(path)
+            z, logdet = forward(params, perms, jnp.asarray(d["x"]), cfg)
+            x, inv_logdet = inverse(params, perms, jnp.asarray(d["z_noise"]), cfg)
+            errors = [np.abs(a - d[b]).max() / np.abs(d[b]).max() for a, b in (
+                (z, "z"), (logdet, "logdet"), (x, "x_from_noise"),
+                (inv_logdet, "logdet_from_noise"))]
+            print(f"{path.stem}: relative error z {errors[0]:.1e}, logdet {errors[1]:.1e}, "
+                  f"x_from_noise {errors[2]:.1e}, logdet_from_noise {errors[3]:.1e}")
+    worst = 0.0
+    for seed in range(draws):  # hypothesis draws: the worst case varies a little per run
+        cfg = configs().example()
+        params, perms = random_params(cfg, seed)
+        k_x, k_z = jax.random.split(jax.random.key(seed))
+        x = images(k_x, cfg)
+        worst = max(worst, *round_trip(params, perms, cfg, x, jax.random.normal(k_z, x.shape))[:2])
+    print(f"float32 round trip, {draws} random configurations: worst error {worst:.1e} per "
+          f"coupling, relative to max(1, largest value) (test bound {ROUND_TRIP_BOUND:.0e})")
+
+
+if __name__ == "__main__":
+    report()
