@@ -22,7 +22,6 @@ whatever its kind, so all couplings share shapes and run under one `jax.lax.scan
 import dataclasses
 import itertools
 import math
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -172,18 +171,32 @@ def init_perms(key: jax.Array, cfg: Config) -> jax.Array:
             rows.append(spatial_split_index(jnp.asarray(tokens), cfg.token_dim))
     return jnp.stack(rows).astype(jnp.int32)
 
+def halves(x: jax.Array, num_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """[B, N*D] in a coupling's split order -> x1, x2, each [B, N, D/2]."""
+    x1, x2 = jnp.split(x, 2, axis=1)
+    return x1.reshape(x.shape[0], num_tokens, -1), x2.reshape(x.shape[0], num_tokens, -1)
+
 def split(x: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[B, N, D] -> x1, x2, each [B, N, D/2], by one exact gather."""
     B, N, D = x.shape
-    x = jnp.take(x.reshape(B, N * D), index, axis=1)
-    x1, x2 = jnp.split(x, 2, axis=1)
-    return x1.reshape(B, N, D // 2), x2.reshape(B, N, D // 2)
+    return halves(jnp.take(x.reshape(B, N * D), index, axis=1), N)
 
 def merge(x1: jax.Array, x2: jax.Array, index: jax.Array) -> jax.Array:
     """x1, x2 [B, N, D/2] -> [B, N, D]; the exact inverse of `split` (gather by argsort)."""
     B, N, half = x1.shape
     x = jnp.concatenate([x1.reshape(B, N * half), x2.reshape(B, N * half)], axis=1)
     return jnp.take(x, jnp.argsort(index), axis=1).reshape(B, N, 2 * half)
+
+def chain_indices(perms: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Split indices [L, N*D] of L couplings in the order they run -> (first, moves).
+
+    `forward` keeps the flow's state in the split order of the coupling about to run, flat
+    [B, N*D] = x1 then x2. merge_i followed by split_{i+1} is one gather, by
+    moves[i] = argsort(perms[i])[perms[i+1]]; moves[-1] = argsort(perms[-1]) merges the last.
+    """
+    inverse = jnp.argsort(perms, axis=1)
+    between = jnp.take_along_axis(inverse[:-1], perms[1:], axis=1)
+    return perms[0], jnp.concatenate([between, inverse[-1:]], axis=0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -197,9 +210,15 @@ def init_dense(key, d_in, d_out, kernel_init=_lecun_normal, bias_std=0.0, dtype=
     return {"kernel": kernel_init(kk, (d_in, d_out), dtype),
             "bias": bias_std * jax.random.normal(kb, (d_out,), dtype)}
 
+def matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum of activations x and weights w in w's dtype (bfloat16 in bf16 mode), accumulated
+    and returned in x's dtype. HIGHEST: float32 stays float32 (GPUs default to TF32)."""
+    return jnp.einsum(spec, x.astype(w.dtype), w, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=x.dtype)
+
 def dense(p, x):
     """[B, N, d_in] -> [B, N, d_out]."""
-    return jnp.einsum("bni,io->bno", x, p["kernel"]) + p["bias"][None, None, :]
+    return matmul("bni,io->bno", x, p["kernel"]) + p["bias"][None, None, :]
 
 def init_layer_norm(d, dtype=jnp.float32):
     return {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
@@ -224,13 +243,17 @@ def init_attention(key, emb_dim, num_heads, dtype=jnp.float32):
 
 def attention(p, x):
     """Multi-head self-attention, [B, N, E] -> [B, N, E]; query scaled by head_dim^-1/2."""
-    def heads(q):  # [B, N, E] -> [B, N, heads, head_dim]
-        return jnp.einsum("bne,ehd->bnhd", x, p[q]["kernel"]) + p[q]["bias"][None, None]
+    def heads(q):  # [B, N, E] -> [B, heads, N, head_dim]; heads-major keeps the matmuls fast
+        return matmul("bne,ehd->bhnd", x, p[q]["kernel"]) + p[q]["bias"][None, :, None]
     q, k, v = heads("query"), heads("key"), heads("value")
     q = q / math.sqrt(q.shape[-1])
-    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)  # [B, h, N, N]
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-    return jnp.einsum("bqhd,hde->bqe", out, p["out"]["kernel"]) + p["out"]["bias"][None, None]
+    mm = p["out"]["kernel"].dtype  # the matmul dtype
+    logits = matmul("bhqd,bhkd->bhqk", q, k.astype(mm))  # [B, h, N, N]
+    # softmax(logits) @ v with the normalisation applied after the product (on [B, h, N, d],
+    # not [B, h, N, N]); the max shift cancels exactly, so it needs no gradient.
+    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+    out = matmul("bhqk,bhkd->bhqd", e, v.astype(mm)) / e.sum(-1, keepdims=True)
+    return matmul("bhqd,hde->bqe", out, p["out"]["kernel"]) + p["out"]["bias"][None, None]
 
 def init_mlp(key, emb_dim, mlp_dim, dtype=jnp.float32):
     k1, k2 = jax.random.split(key)
@@ -270,9 +293,10 @@ def init_coupling_net(key, cfg: Config, dtype=jnp.float32):
             "final_proj": init_dense(k_out, E, D, jax.nn.initializers.zeros, dtype=dtype)}
 
 def coupling_net(p, x1):
-    """Dense + position embedding, `block_depth` ViT blocks (scanned), LN, Dense to (b, s)."""
+    """Dense + position embedding, `block_depth` ViT blocks, LN, Dense to (b, s)."""
     h = dense(p["init_proj"], x1) + p["posemb"][None]  # [B, N, E]
-    h, _ = jax.lax.scan(lambda h, block: (vit_block(block, h), None), h, p["blocks"])
+    for i in range(p["blocks"]["ln1"]["scale"].shape[0]):  # unrolled: few, and faster
+        h = vit_block(jax.tree.map(lambda a: a[i], p["blocks"]), h)
     out = dense(p["final_proj"], layer_norm(p["encoder_norm"], h))  # [B, N, D]
     b, s = jnp.split(out, 2, axis=-1)
     return b, s
@@ -286,19 +310,32 @@ def coupling_scale(s, k):
     logdet = jnp.sum(jax.nn.log_sigmoid(s) + math.log(k), axis=(1, 2))
     return jax.nn.sigmoid(s) * k, logdet
 
-def coupling_forward(p, index, x, k):
-    """[B, N, D] -> y [B, N, D], log|det dy/dx| [B]."""
-    x1, x2 = split(x, index)
+def affine_forward(p, x1, x2, k):
+    """The coupling's equation on the halves [B, N, D/2]: y2 = (x2 + b(x1)) * sigmoid(s(x1)) * k;
+    returns y2 and log|det dy/dx| [B]."""
     b, s = coupling_net(p, x1)
     scale, logdet = coupling_scale(s, k)
-    return merge(x1, (x2 + b) * scale, index), logdet
+    return (x2 + b) * scale, logdet
+
+def affine_inverse(p, y1, y2, k):
+    """x2 = y2 / (sigmoid(s(y1)) * k) - b(y1), and log|det dx/dy| [B]. y1 = x1, so b and s are
+    exactly the forward's."""
+    b, s = coupling_net(p, y1)
+    scale, logdet = coupling_scale(s, k)
+    return y2 / scale - b, -logdet
+
+def coupling_forward(p, index, x, k):
+    """One coupling, [B, N, D] -> y [B, N, D], log|det dy/dx| [B]. `forward` runs the same
+    couplings with each merge and the next split fused into one gather."""
+    x1, x2 = split(x, index)
+    y2, logdet = affine_forward(p, x1, x2, k)
+    return merge(x1, y2, index), logdet
 
 def coupling_inverse(p, index, y, k):
     """[B, N, D] -> x [B, N, D], log|det dx/dy| [B] (= minus the forward's)."""
     y1, y2 = split(y, index)
-    b, s = coupling_net(p, y1)
-    scale, logdet = coupling_scale(s, k)
-    return merge(y1, y2 / scale - b, index), -logdet
+    x2, logdet = affine_inverse(p, y1, y2, k)
+    return merge(y1, x2, index), logdet
 
 
 # ------------------------------------------------------------------------------------------
@@ -321,29 +358,44 @@ def _check_input(x, perms, cfg, name):
         raise ValueError(f"perms has shape {tuple(perms.shape)} but this Config needs "
                          f"{expected}; were they made for another Config?")
 
-def forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config, remat: bool = False):
+def _couplings(affine, params, perms, x, cfg, reverse, policy, compute_dtype):
+    """patchify, the couplings in order (reverse: last first), unpatchify. The state is kept
+    flat, [B, N*D], in the split order of the coupling about to run (see chain_indices)."""
+    B, N = x.shape[0], cfg.num_tokens
+    first, moves = chain_indices(perms[::-1] if reverse else perms)
+    h = jnp.take(patchify(x, cfg.patch_size).reshape(B, -1), first, axis=1)
+
+    def step(h, layer):  # h = x1 then x2 of this coupling; y1 = x1 is never touched
+        p, move = layer
+        if compute_dtype:  # bf16 mode: the ViT's weights, hence its matmuls, in compute_dtype
+            p = jax.tree.map(lambda a: a.astype(compute_dtype), p)
+        y2, logdet = affine(p, *halves(h, N), cfg.scale_factor)
+        y = jnp.concatenate([h[:, :h.shape[1] // 2], y2.reshape(B, -1)], axis=1)
+        return jnp.take(y, move, axis=1), logdet
+    step = jax.checkpoint(step, policy=policy)
+    h, logdets = jax.lax.scan(step, h, (params, moves[::-1] if reverse else moves),
+                              reverse=reverse)  # logdets [depth, B]
+    return unpatchify(h.reshape(B, N, -1), cfg.patch_size, cfg.image_shape), logdets.sum(0)
+
+def forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config, remat: bool = False,
+            compute_dtype=None):
     """x [B, H, W, C] in [-1, 1] -> z [B, H, W, C], log|det dz/dx| [B].
 
-    remat=True recomputes each coupling's ViT activations during backprop instead of storing
-    them (as big_vision does): training memory then grows with depth * image size only.
+    remat=True keeps only each coupling's input for backprop and recomputes its ViT (as
+    big_vision does); remat=False keeps the ViT's matmul outputs and recomputes only the cheap
+    operations between them. compute_dtype=jnp.bfloat16 runs the ViT matmuls in bfloat16; the
+    coupling arithmetic and log-det stay in the parameters' dtype, so f stays invertible.
     """
     _check_input(x, perms, cfg, "x")
-    h = patchify(x, cfg.patch_size)  # [B, N, D]
-    coupling = coupling_forward
-    if remat:
-        coupling = jax.checkpoint(coupling_forward, static_argnums=(3,),
-                                  policy=jax.checkpoint_policies.nothing_saveable)
-    step = lambda h, layer: coupling(*layer, h, cfg.scale_factor)  # noqa: E731 (p, index)
-    h, logdets = jax.lax.scan(step, h, (params, perms))  # logdets [depth, B]
-    return unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
+    policies = jax.checkpoint_policies
+    policy = policies.nothing_saveable if remat else policies.dots_with_no_batch_dims_saveable
+    return _couplings(affine_forward, params, perms, x, cfg, False, policy, compute_dtype)
 
-def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config):
+def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config, compute_dtype=None):
     """z [B, H, W, C] -> x [B, H, W, C], log|det dx/dz| [B]; couplings in reverse order."""
     _check_input(z, perms, cfg, "z")
-    h = patchify(z, cfg.patch_size)  # [B, N, D]
-    step = lambda h, layer: coupling_inverse(*layer, h, cfg.scale_factor)  # noqa: E731
-    h, logdets = jax.lax.scan(step, h, (params, perms), reverse=True)
-    return unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return _couplings(affine_inverse, params, perms, z, cfg, True, policy, compute_dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -380,7 +432,7 @@ def bits_per_dim(z: jax.Array, logdet: jax.Array) -> jax.Array:
 # Sampling
 
 def sample(params: dict, perms: jax.Array, key: jax.Array, n: int, cfg: Config,
-           temperature: float = 1.0) -> jax.Array:
+           temperature: float = 1.0, compute_dtype=None) -> jax.Array:
     """n images, uint8 [n, H, W, C]: z ~ N(0, T^2 I), x = f^-1(z) in one parallel pass.
 
     x is mapped back to the integer whose dequantization cell contains it,
@@ -388,75 +440,5 @@ def sample(params: dict, perms: jax.Array, key: jax.Array, n: int, cfg: Config,
     """
     dtype = jax.tree.leaves(params)[0].dtype
     z = temperature * jax.random.normal(key, (n, *cfg.image_shape), dtype)
-    x, _ = inverse(params, perms, z, cfg)
+    x, _ = inverse(params, perms, z, cfg, compute_dtype)
     return jnp.clip(jnp.floor((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
-
-# ------------------------------------------------------------------------------------------
-# Loading official big_vision parameters
-
-def from_big_vision(flat: Mapping[str, np.ndarray], image_shape: tuple[int, int, int],
-                    **model_kwargs) -> tuple[dict, jax.Array, Config]:
-    """Official parameters -> (params, perms, cfg).
-
-    `flat` maps "/"-joined flax paths (optionally prefixed "params/") to arrays; `model_kwargs`
-    are big_vision `jet.Model` arguments. Permutations are read from the stored one-hot
-    matrices, so the result computes exactly the official map.
-    """
-    renames = {"ps": "patch_size", "channels_coupling_projs": "channel_projs",
-               "spatial_coupling_projs": "spatial_projs"}
-    known = {"depth", "block_depth", "emb_dim", "num_heads", "scale_factor", "kinds", *renames}
-    if set(model_kwargs) - known:
-        raise ValueError(f"Unknown big_vision jet.Model arguments "
-                         f"{sorted(set(model_kwargs) - known)}; expected some of {sorted(known)}.")
-    kwargs = {renames.get(k, k): v for k, v in model_kwargs.items()}
-    cfg = Config(image_shape=tuple(image_shape),  # jet.Model's own defaults first
-                 **{"depth": 2, "emb_dim": 256, "patch_size": 4, **kwargs})
-    flat = {key.removeprefix("params/"): np.asarray(v) for key, v in flat.items()}
-
-    def get(path, *leaves):  # one array, or a dict of the arrays path/leaf
-        if leaves:
-            return {leaf: get(f"{path}/{leaf}") for leaf in leaves}
-        if path not in flat:
-            raise ValueError(f"Missing official parameter {path!r}; is `flat` a big_vision Jet "
-                             "checkpoint for these model_kwargs?")
-        return flat[path]
-
-    def block(vit):  # flax names of vit.Encoder1DBlock
-        mha = f"{vit}/MultiHeadDotProductAttention_0"
-        return {"ln1": get(f"{vit}/LayerNorm_0", "scale", "bias"),
-                "attention": {n: get(f"{mha}/{n}", "kernel", "bias")
-                              for n in ("query", "key", "value", "out")},
-                "ln2": get(f"{vit}/LayerNorm_1", "scale", "bias"),
-                "mlp": {"fc1": get(f"{vit}/MlpBlock_0/Dense_0", "kernel", "bias"),
-                        "fc2": get(f"{vit}/MlpBlock_0/Dense_1", "kernel", "bias")}}
-
-    dnn = "couplings/dnn"
-    blocks = [block(f"{dnn}/vit/encoderblock_{i}") for i in range(cfg.block_depth)]
-    params = {"init_proj": get(f"{dnn}/init_proj", "kernel", "bias"),
-              "posemb": get(f"{dnn}/posemb")[:, 0],  # [depth, 1, N, E] -> [depth, N, E]
-              "blocks": jax.tree.map(lambda *b: np.stack(b, axis=1), *blocks),
-              "encoder_norm": get(f"{dnn}/vit/encoder_norm", "scale", "bias"),
-              "final_proj": get(f"{dnn}/final_proj", "kernel", "bias")}
-    expected = jax.eval_shape(lambda: init(jax.random.key(0), cfg)[0])
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params),
-                                 jax.tree.leaves(expected)):
-        if got.shape != want.shape:
-            raise ValueError(f"Official parameter {jax.tree_util.keystr(path)} has shape "
-                             f"{got.shape}, expected {want.shape} for {cfg}.")
-    params = jax.tree.map(jnp.asarray, params)
-
-    c_masks = get("channel_coupling_masks-FREEZE_ME")  # [depth, D, D]
-    s_masks = get("spatial_coupling_masks-FREEZE_ME")  # [depth, N, N]
-    rows = []
-    for i, (kind, _) in enumerate(cfg.couplings()):
-        mask = c_masks[i] if kind == "channels" else s_masks[i]
-        # mask[src, dst] = 1: output slot dst reads input slot src, so src = argmax over rows.
-        src = mask.argmax(axis=0)
-        if not np.array_equal(mask, np.eye(len(src), dtype=mask.dtype)[src].T):
-            raise ValueError(f"Coupling {i} ({kind}) has a stored mask that is not a "
-                             "permutation matrix; kinds/projs may not match the checkpoint.")
-        src = jnp.asarray(src)
-        rows.append(channel_split_index(src, cfg.num_tokens) if kind == "channels"
-                    else spatial_split_index(src, cfg.token_dim))
-    return params, jnp.stack(rows).astype(jnp.int32), cfg

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 
 import jet
+import official
 
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
 GOLDEN = sorted(TESTDATA.glob("big_vision_jet_*.npz"))
@@ -25,8 +26,8 @@ SMALL = jet.Config(image_shape=(8, 8, 3), patch_size=2, depth=3, emb_dim=16, num
 
 # Compiled once per (Config, shape); eager execution would re-trace the scans on every call.
 init = jax.jit(jet.init, static_argnums=(1, 2))
-forward = jax.jit(jet.forward, static_argnums=3)
-inverse = jax.jit(jet.inverse, static_argnums=3)
+forward = jax.jit(jet.forward, static_argnums=3, static_argnames=("remat", "compute_dtype"))
+inverse = jax.jit(jet.inverse, static_argnums=3, static_argnames="compute_dtype")
 
 
 # ------------------------------------------------------------------------------------------
@@ -86,7 +87,8 @@ def images(key, cfg, batch=2, dtype=jnp.float32):
 def load_golden(path):
     d = np.load(path)
     flat = {k: d[k] for k in d.files if k.startswith("params/")}
-    params, perms, cfg = jet.from_big_vision(flat, d["x"].shape[1:], **json.loads(str(d["config"])))
+    params, perms, cfg = official.from_big_vision(flat, d["x"].shape[1:],
+                                                  **json.loads(str(d["config"])))
     return params, perms, cfg, d
 
 
@@ -173,14 +175,14 @@ ROUND_TRIP_BOUND = 5e-5  # per coupling, relative to max(1, largest value): 10x 
 # of 150 random configurations (python test_jet.py prints it for 40)
 
 
-def round_trip(params, perms, cfg, x, z):
+def round_trip(params, perms, cfg, x, z, compute_dtype=None):
     """Errors of x -> f -> f^-1 and of z -> f^-1 -> f, each divided by depth * max(1, largest
     value the trip passes through): float32 loses precision in proportion to magnitude, and
     every coupling adds its rounding. Also returns both pairs of log-dets."""
-    fx, logdet = forward(params, perms, x, cfg)
-    x_back, logdet_back = inverse(params, perms, fx, cfg)
-    iz, inv_logdet = inverse(params, perms, z, cfg)
-    z_back, inv_logdet_back = forward(params, perms, iz, cfg)
+    fx, logdet = forward(params, perms, x, cfg, compute_dtype=compute_dtype)
+    x_back, logdet_back = inverse(params, perms, fx, cfg, compute_dtype=compute_dtype)
+    iz, inv_logdet = inverse(params, perms, z, cfg, compute_dtype=compute_dtype)
+    z_back, inv_logdet_back = forward(params, perms, iz, cfg, compute_dtype=compute_dtype)
 
     def error(got, want, through):
         scale = max(1.0, float(jnp.abs(want).max()), float(jnp.abs(through).max()))
@@ -203,19 +205,71 @@ def test_invertible_in_float32(cfg, seed):
         np.testing.assert_allclose(back, expected, rtol=1e-5, atol=1e-3)
 
 
-@given(configs(max_depth=3), st.integers(0, 2 ** 31 - 1))
-def test_logdet_equals_slogdet_of_jacobian(x64, cfg, seed):
+@given(configs(), st.integers(0, 2 ** 31 - 1))
+def test_invertible_in_bfloat16_mode(cfg, seed):
+    """With the ViT matmuls in bfloat16 (compute_dtype), f is a bijection to the same bound as
+    in float32: y1 = x1 is copied exactly, so the inverse recomputes exactly the forward's b and
+    s. The mode really changes the map (z differs from float32's)."""
+    k_x, k_z = jax.random.split(jax.random.key(seed))
+    params, perms = random_params(cfg, seed)
+    x = images(k_x, cfg)
+    x_error, z_error, logdets = round_trip(params, perms, cfg, x, jax.random.normal(k_z, x.shape),
+                                           compute_dtype=jnp.bfloat16)
+    assert x_error <= ROUND_TRIP_BOUND and z_error <= ROUND_TRIP_BOUND
+    for back, expected in logdets:
+        np.testing.assert_allclose(back, expected, rtol=1e-5, atol=1e-3)
+    z_bf16 = forward(params, perms, x, cfg, compute_dtype=jnp.bfloat16)[0]
+    assert float(jnp.abs(z_bf16 - forward(params, perms, x, cfg)[0]).max()) > 0
+
+
+def check_logdet_against_jacobian(cfg, seed, compute_dtype=None):
     """logdet = log|det J| with J = jax.jacfwd of the map, in float64, forward and inverse."""
     params, perms = random_params(cfg, seed, np.float64)
     x = images(jax.random.key(seed), cfg, batch=1, dtype=jnp.float64)
     for fn in (forward, inverse):
         def flat_map(v):
-            return fn(params, perms, v.reshape(x.shape), cfg)[0].reshape(-1)
+            return fn(params, perms, v.reshape(x.shape), cfg,
+                      compute_dtype=compute_dtype)[0].reshape(-1)
         jacobian = jax.jit(jax.jacfwd(flat_map))(x.reshape(-1))
         sign, expected = jnp.linalg.slogdet(jacobian)
-        _, logdet = fn(params, perms, x, cfg)
+        _, logdet = fn(params, perms, x, cfg, compute_dtype=compute_dtype)
         assert sign != 0
         np.testing.assert_allclose(logdet[0], expected, rtol=1e-9, atol=1e-9)
+
+
+@given(configs(max_depth=3), st.integers(0, 2 ** 31 - 1))
+def test_logdet_equals_slogdet_of_jacobian(x64, cfg, seed):
+    """logdet = log|det J| with J = jax.jacfwd of the map, in float64, forward and inverse."""
+    check_logdet_against_jacobian(cfg, seed)
+
+
+@given(configs(max_depth=1), st.integers(0, 2 ** 31 - 1))
+def test_logdet_in_bfloat16_mode_is_that_of_its_map(x64, cfg, seed):
+    """With bfloat16 matmuls the log-det is still log|det J| of the map that mode computes.
+    One coupling at a time: the map rounds x1 to bfloat16 on its way into the ViT, and autodiff
+    passes tangents through that rounding, so a Jacobian of several couplings chained by
+    autodiff is not exactly the product of theirs (the flow's log-det is their sum, tested in
+    float64 above)."""
+    check_logdet_against_jacobian(cfg, seed, jnp.bfloat16)
+
+
+@given(configs(), st.integers(0, 2 ** 31 - 1))
+def test_fused_gathers_equal_the_plain_couplings(cfg, seed):
+    """forward and inverse, which fuse each merge with the next split into one gather, compute
+    the couplings of coupling_forward / coupling_inverse (split, equation, merge) in order."""
+    params, perms = random_params(cfg, seed)
+    x = images(jax.random.key(seed), cfg)
+    layer = [jax.tree.map(lambda a: a[i], params) for i in range(cfg.depth)]  # noqa: B023
+    for fn, plain, order in ((forward, jet.coupling_forward, range(cfg.depth)),
+                             (inverse, jet.coupling_inverse, reversed(range(cfg.depth)))):
+        h, logdet = jet.patchify(x, cfg.patch_size), 0.0
+        for i in order:
+            h, logdet_i = jax.jit(plain, static_argnums=3)(layer[i], perms[i], h, cfg.scale_factor)
+            logdet = logdet + logdet_i
+        out, fused_logdet = fn(params, perms, x, cfg)
+        np.testing.assert_allclose(out, jet.unpatchify(h, cfg.patch_size, cfg.image_shape),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(fused_logdet, logdet, rtol=1e-5, atol=1e-4)
 
 
 def test_identity_at_init():
@@ -481,7 +535,7 @@ def test_from_big_vision_matches_official_formulation(x64, cfg, seed):
                   num_heads=cfg.num_heads, scale_factor=cfg.scale_factor, ps=cfg.patch_size,
                   kinds=list(cfg.kinds), channels_coupling_projs=list(cfg.channel_projs),
                   spatial_coupling_projs=list(cfg.spatial_projs))
-    params, perms, loaded_cfg = jet.from_big_vision(flat, cfg.image_shape, **kwargs)
+    params, perms, loaded_cfg = official.from_big_vision(flat, cfg.image_shape, **kwargs)
     assert loaded_cfg == cfg
     our_perms = jet.init_perms(jax.random.key(0), cfg)
     for i, (kind, _) in enumerate(cfg.couplings()):
@@ -556,12 +610,12 @@ def test_from_big_vision_rejects_bad_checkpoints():
     flat = {k: d[k] for k in d.files if k.startswith("params/")}
     kwargs = json.loads(str(d["config"]))
     with pytest.raises(ValueError, match="Unknown"):
-        jet.from_big_vision(flat, (16, 16, 3), **kwargs, dropout=0.1)
+        official.from_big_vision(flat, (16, 16, 3), **kwargs, dropout=0.1)
     with pytest.raises(ValueError, match="Missing"):
-        jet.from_big_vision({k: v for k, v in flat.items() if "posemb" not in k},
+        official.from_big_vision({k: v for k, v in flat.items() if "posemb" not in k},
                             (16, 16, 3), **kwargs)
     with pytest.raises(ValueError, match="shape"):
-        jet.from_big_vision(flat, (16, 16, 3), **{**kwargs, "emb_dim": 64, "num_heads": 4})
+        official.from_big_vision(flat, (16, 16, 3), **{**kwargs, "emb_dim": 64, "num_heads": 4})
 
 
 # ------------------------------------------------------------------------------------------

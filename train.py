@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         a(f"--{name}", type=lambda s: tuple(s.split(",")), help=f"jet.Config.{name}, commas")
     a("--remat", action=argparse.BooleanOptionalAction, help="recompute coupling activations "
       "in backprop, as big_vision does: less memory for one more forward pass")
+    a("--dtype", choices=("float32", "bfloat16"), help="dtype of the ViT matmuls (default "
+      "float32); bfloat16 is for accelerators: params, coupling arithmetic, log-det and loss "
+      "stay float32 and the flow stays exactly invertible")
     a("--batch_size", type=int, help="global batch, split over all devices")
     a("--steps", type=int, help="training steps (overrides --epochs)")
     a("--epochs", type=float, help="training epochs (drop-remainder batches)")
@@ -256,13 +259,18 @@ def forward_flops(cfg: jet.Config) -> int:
     return 2 * cfg.depth * (N * (D // 2) * E + cfg.block_depth * block + N * E * D)
 
 
-def make_train_step(cfg: jet.Config, tx, remat: bool):
+def compute_dtype(f: dict):
+    """The --dtype flag as jet's compute_dtype (None: the parameters' dtype)."""
+    return {"float32": None, "bfloat16": jnp.bfloat16}[f.get("dtype") or "float32"]
+
+
+def make_train_step(cfg: jet.Config, tx, remat: bool, dtype=None):
     """One jitted update: dequantize with noise key fold_in(key, step), loss = mean bits/dim."""
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state, images, step, noise_key):
         def loss_fn(params):
             x = jet.dequantize(jax.random.fold_in(noise_key, step), images)
-            z, logdet = jet.forward(params, state["perms"], x, cfg, remat=remat)
+            z, logdet = jet.forward(params, state["perms"], x, cfg, remat, dtype)
             return jet.bits_per_dim(z, logdet).mean()
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -272,12 +280,13 @@ def make_train_step(cfg: jet.Config, tx, remat: bool):
     return train_step
 
 
-def make_evaluate(cfg: jet.Config, test: np.ndarray, batch_size: int, put_batch):
+def make_evaluate(cfg: jet.Config, test: np.ndarray, batch_size: int, put_batch, dtype=None):
     """Mean test bits/dim over the whole test split (last batch padded and masked), with the
     noise of batch i fixed to fold_in(key, i) so the figure is reproducible."""
     @jax.jit
     def batch_sum(params, perms, images, mask, key):
-        z, logdet = jet.forward(params, perms, jet.dequantize(key, images), cfg)
+        x = jet.dequantize(key, images)
+        z, logdet = jet.forward(params, perms, x, cfg, compute_dtype=dtype)
         return jnp.sum(jet.bits_per_dim(z, logdet) * mask)
 
     def evaluate(state, key) -> float:
@@ -298,13 +307,14 @@ def run_keys(rng: jax.Array) -> dict[str, jax.Array]:
     return dict(zip(("init", "noise", "eval", "sample"), jax.random.split(rng, 4)))
 
 
-_sample = jax.jit(jet.sample, static_argnums=(3, 4))
+_sample = jax.jit(jet.sample, static_argnums=(3, 4, 6))
 
 
-def write_samples(path: str, state: dict, cfg: jet.Config, n: int, temperature: float) -> None:
+def write_samples(path: str, state: dict, cfg: jet.Config, n: int, temperature: float,
+                  dtype=None) -> None:
     """A PNG grid of n samples, drawn with the run's sample key (the same noise every time)."""
     key = run_keys(jax.random.wrap_key_data(state["rng"]))["sample"]
-    images = _sample(state["params"], state["perms"], key, n, cfg, temperature)
+    images = _sample(state["params"], state["perms"], key, n, cfg, temperature, dtype)
     write_png(path, to_host(images))
 
 
@@ -337,7 +347,7 @@ def run(args) -> dict:
     if args.sample:
         path = os.path.join(args.workdir, f"samples_T{args.temperature:g}_n{args.sample}.png")
         state = restore(arrays, state_template(cfg, None), ckpt_path)
-        write_samples(path, state, cfg, args.sample, args.temperature)
+        write_samples(path, state, cfg, args.sample, args.temperature, compute_dtype(f))
         print(f"Wrote {args.sample} samples to {path}.", flush=True)
         return {"samples": path}
 
@@ -383,7 +393,7 @@ def run(args) -> dict:
     del arrays
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))  # replicated
     keys = run_keys(jax.random.wrap_key_data(state["rng"]))
-    evaluate = make_evaluate(cfg, test, f["eval_batch_size"], put_batch)
+    evaluate = make_evaluate(cfg, test, f["eval_batch_size"], put_batch, compute_dtype(f))
     if args.eval_only:
         test_bpd = evaluate(state, keys["eval"])
         print(f"step {step} | test {test_bpd:.4f} bpd", flush=True)
@@ -405,7 +415,7 @@ def run(args) -> dict:
             with open(metrics_path, "a") as out:
                 out.write(json.dumps(record) + "\n")
 
-    train_step = make_train_step(cfg, tx, bool(f["remat"]))
+    train_step = make_train_step(cfg, tx, bool(f["remat"]), compute_dtype(f))
     total, bs = f["steps"], f["batch_size"]
     steps_per_epoch = data.steps_per_epoch(len(train), bs)
     # Losses since the last log line; kept in checkpoints so a resumed run logs the same means.
@@ -447,7 +457,7 @@ def run(args) -> dict:
             log({"step": step, "test_bpd": test_bpd})
             if is_main:
                 write_samples(os.path.join(args.workdir, f"samples_{step:07d}.png"), state, cfg,
-                              GRID, args.temperature)
+                              GRID, args.temperature, compute_dtype(f))
             timer = (time.time(), step)  # img/s counts training only
         if (step % f["ckpt_every"] == 0 or step == total) and is_main:
             save_checkpoint(ckpt_path, state, {
