@@ -1,77 +1,163 @@
-"""Training throughput of Jet: images/s, FLOP/s and the fraction of a given peak.
+"""Speed of Jet on this machine: training, evaluation and sampling throughput, compile time,
+memory, and model FLOP utilisation against the measured matmul peak.
 
-  python bench.py --preset tiny                       # CPU
-  python bench.py --preset imagenet64 --batch_size 256 --peak_tflops 989  # e.g. one H100 (bf16 dense)
+  python bench.py --preset tiny                     # CPU
+  python bench.py --preset cifar10 --dtype bfloat16 # an accelerator
+  python bench.py --patch_size 4 --depth 8 --emb_dim 128 --num_heads 4 --batch_size 64 --json
 
-Times train.py's own jitted step (forward + backward + optimizer) on random uint8 images of the
-preset's dataset shape, after one compiling step, and prints one summary line per run.
+Times train.py's own jitted step (dequantize, forward, bits/dim, gradient, optimizer update),
+evaluation (forward + bits/dim) and sampling (one inverse pass) on random uint8 images of the
+preset's image shape, each after one compiling call. Model FLOPs count matmuls only; a
+training step counts 3x the forward (remat's recomputation is real work but not counted, as is
+usual for utilisation figures).
 """
 
 import argparse
+import json
+import resource
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jet
 import train
 
-SHAPES = {"tiny": (32, 32, 3), "cifar10": (32, 32, 3), "imagenet32": (32, 32, 3),
-          "imagenet64": (64, 64, 3), "fashion_mnist": (28, 28, 1)}
+SHAPES = {"tiny": (32, 32, 3), "cpu": (32, 32, 3), "cifar10": (32, 32, 3),
+          "imagenet32": (32, 32, 3), "imagenet64": (64, 64, 3), "fashion_mnist": (28, 28, 1),
+          "fashion_mnist_cpu": (28, 28, 1)}
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(train.PRESETS),
                    help="model and batch size of this train.py preset")
+    p.add_argument("--image_shape", type=lambda s: tuple(int(v) for v in s.split(",")),
+                   help="H,W,C (default: the preset's dataset shape)")
+    for name, kind in train.CONFIG_FLAG_TYPES.items():
+        p.add_argument(f"--{name}", type=kind, help=f"override jet.Config.{name}")
     p.add_argument("--batch_size", type=int, help="override the preset's batch size")
-    p.add_argument("--steps", type=int, default=10, help="timed steps after the compiling one")
+    p.add_argument("--steps", type=int, default=10, help="timed calls of each kind")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction,
-                   help="override the preset's remat")
-    p.add_argument("--peak_tflops", type=float,
-                   help="the machine's peak TFLOP/s, to print the fraction reached")
+                   help="time only this remat setting (default: both)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the ViT matmuls (train.py --dtype)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = p.parse_args(argv)
+    for name in ("batch_size", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    return args
 
+
+def timed(fn, *args, steps: int) -> tuple[float, float]:
+    """(seconds of the first call, which compiles; median seconds of the next `steps` calls)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return first, float(np.median(times))
+
+
+def matmul_peak(dtype) -> float:
+    """Measured FLOP/s of a large square matmul on the default device: the practical peak."""
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), dtype)
+    mm = jax.jit(lambda a: jnp.dot(a, a, precision=jax.lax.Precision.HIGHEST))
+    _, seconds = timed(mm, a, steps=5)
+    return 2 * n ** 3 / seconds
+
+
+def peak_memory_bytes() -> dict:
+    """Peak host RSS of this process, and the device's peak if its backend reports one."""
+    out = {"host_rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak"] = stats["peak_bytes_in_use"]
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     preset = train.PRESETS[args.preset]
-    flags = train.RECIPE | preset | {"steps": 1000}
+    overrides = {k: getattr(args, k) for k in train.CONFIG_FLAG_TYPES
+                 if getattr(args, k) is not None}
+    try:
+        cfg = jet.Config(image_shape=args.image_shape or SHAPES[args.preset],
+                         **{k: v for k, v in preset.items() if k in train.MODEL_FLAGS}
+                         | overrides)
+    except ValueError as e:
+        raise SystemExit(f"bench.py: error: {e}")
     batch = args.batch_size or preset["batch_size"]
-    remat = preset["remat"] if args.remat is None else args.remat
-    cfg = jet.Config(image_shape=SHAPES[args.preset],
-                     **{k: v for k, v in preset.items() if k in train.MODEL_FLAGS})
+    dtype = train.compute_dtype({"dtype": args.dtype})
+    flags = train.RECIPE | preset | {"steps": 1000}
     tx = train.make_optimizer(flags)
     params, perms = jax.jit(jet.init, static_argnums=1)(jax.random.key(0), cfg)
-    state = {"params": params, "perms": perms, "opt_state": tx.init(params)}
-    step_fn = train.make_train_step(cfg, tx, remat)
-    images = np.random.default_rng(0).integers(0, 256, (batch, *cfg.image_shape), np.uint8)
-    images = jax.device_put(images)
+    images = jax.device_put(
+        np.random.default_rng(0).integers(0, 256, (batch, *cfg.image_shape), np.uint8))
     noise = jax.random.key(1)
 
-    t0 = time.perf_counter()
-    state, out = step_fn(state, images, 0, noise)
-    jax.block_until_ready(out)
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        state, out = step_fn(state, images, step, noise)
-    jax.block_until_ready((state, out))
-    seconds = (time.perf_counter() - t0) / args.steps
+    result = {"config": {k: v for k, v in vars(cfg).items()}, "batch": batch,
+              "dtype": args.dtype, "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+              "params": train.num_params(params),
+              "gflop_per_image_forward": train.forward_flops(cfg) / 1e9,
+              "gflop_per_image_train": 3 * train.forward_flops(cfg) / 1e9}
+    peak = {"float32": matmul_peak(jnp.float32)}
+    if jax.default_backend() != "cpu":  # bf16 matmuls are emulated on most CPUs
+        peak["bfloat16"] = matmul_peak(jnp.bfloat16)
+    result["matmul_peak_tflops"] = {k: v / 1e12 for k, v in peak.items()}
+    peak_flops = peak["bfloat16" if args.dtype == "bfloat16" and "bfloat16" in peak
+                      else "float32"]
 
-    # Model FLOPs: forward + backward (about twice the forward). Remat's recomputation is
-    # real work but not counted, as is usual for utilisation figures.
-    flops = train.forward_flops(cfg) * 3 * batch
-    result = {"preset": args.preset, "batch": batch, "remat": remat,
-              "devices": f"{jax.device_count()} {jax.devices()[0].device_kind}",
-              "params": train.num_params(params), "compile_s": compile_s,
-              "step_s": seconds, "img_per_s": batch / seconds,
-              "tflops": flops / seconds / 1e12}
-    line = (f"{args.preset}: batch {batch}, remat {remat}, {result['devices']}, "
-            f"{result['params']:,} params | compile {compile_s:.1f} s | {seconds * 1e3:.1f} ms/step"
-            f" | {result['img_per_s']:.1f} img/s | {result['tflops'] * 1e3:.1f} model GFLOP/s")
-    if args.peak_tflops:
-        result["fraction_of_peak"] = result["tflops"] / args.peak_tflops
-        line += f" | {100 * result['fraction_of_peak']:.1f}% of {args.peak_tflops:g} TFLOP/s"
-    print(line, flush=True)
+    for remat in ([args.remat] if args.remat is not None else [True, False]):
+        step_fn = train.make_train_step(cfg, tx, remat, dtype)
+        fresh = jax.tree.map(jnp.copy, (params, perms))  # the step donates its state
+        state = {"params": fresh[0], "perms": fresh[1], "opt_state": tx.init(fresh[0])}
+        count = iter(range(args.steps + 1))
+
+        def step():  # threads the donated state through the timed calls
+            nonlocal state
+            state, out = step_fn(state, images, next(count), noise)
+            return out
+        compile_s, seconds = timed(step, steps=args.steps)
+        key = f"train_remat_{'on' if remat else 'off'}"
+        result[key] = {"compile_s": compile_s, "img_per_s": batch / seconds,
+                       "utilisation": 3 * train.forward_flops(cfg) * batch / seconds
+                       / peak_flops}
+    x = jet.dequantize(noise, images)
+    evaluate = jax.jit(lambda p, x: jet.bits_per_dim(*jet.forward(p, perms, x, cfg,
+                                                                  compute_dtype=dtype)))
+    _, seconds = timed(evaluate, params, x, steps=args.steps)
+    result["eval_img_per_s"] = batch / seconds
+    sample = jax.jit(jet.sample, static_argnums=(3, 4, 6))
+    _, seconds = timed(sample, params, perms, noise, batch, cfg, 1.0, dtype, steps=args.steps)
+    result["sample_img_per_s"] = batch / seconds
+    result["memory_bytes"] = peak_memory_bytes()
+
+    if args.json:
+        print(json.dumps(result), flush=True)
+        return result
+    print(f"{args.preset}{' ' + str(overrides) if overrides else ''}: batch {batch}, {args.dtype} matmuls, "
+          f"{result['device']}, {result['params']:,} params, "
+          f"{result['gflop_per_image_forward']:.3f} GFLOP/image forward "
+          f"({result['gflop_per_image_train']:.3f} per training image)")
+    print("matmul peak: " + ", ".join(f"{k} {v:.3f} TFLOP/s"
+                                      for k, v in result["matmul_peak_tflops"].items()))
+    for key in ("train_remat_on", "train_remat_off"):
+        if key in result:
+            r = result[key]
+            print(f"{key}: {r['img_per_s']:.1f} img/s, {100 * r['utilisation']:.1f}% of the "
+                  f"matmul peak, compile {r['compile_s']:.1f} s")
+    print(f"evaluation: {result['eval_img_per_s']:.1f} img/s | sampling: "
+          f"{result['sample_img_per_s']:.1f} img/s | peak memory: " + ", ".join(
+              f"{k} {v / 2 ** 30:.2f} GiB" for k, v in result["memory_bytes"].items()),
+          flush=True)
     return result
 
 

@@ -326,3 +326,92 @@ def test_presets_build_valid_configs():
     big = train.PRESETS["imagenet64"]
     assert (big["depth"], big["block_depth"], big["emb_dim"], big["num_heads"],
             big["patch_size"], big["batch_size"]) == (32, 2, 512, 8, 4, 1024)
+
+
+# ------------------------------------------------------------------------------------------
+# The first run on any machine: presets by device, progress, time budget, flag validation
+
+
+def test_presets_follow_the_machine():
+    """Without --preset a dataset gets its CPU-sized preset on a CPU and its paper-scale one on
+    a GPU or TPU; an explicit --preset always wins; a resumed run keeps its checkpoint's."""
+    def preset(argv, platform, saved=None):
+        return train.resolve(train.parse_args(argv), saved, platform)[0]["preset"]
+    for dataset, cpu, accelerator in (("cifar10", "cpu", "cifar10"),
+                                      ("imagenet64", "cpu", "imagenet64"),
+                                      ("fashion_mnist", "fashion_mnist_cpu", "fashion_mnist"),
+                                      ("mnist", "fashion_mnist_cpu", "fashion_mnist"),
+                                      ("synthetic", "tiny", "tiny")):
+        assert preset(["--dataset", dataset], "cpu") == cpu
+        assert preset(["--dataset", dataset], "gpu") == accelerator
+        assert preset(["--dataset", dataset], "tpu") == accelerator
+    assert preset(["--dataset", "cifar10", "--preset", "cifar10"], "cpu") == "cifar10"
+    assert preset(["--dataset", "cifar10", "--preset", "cpu"], "gpu") == "cpu"
+    saved, _ = train.resolve(train.parse_args(["--dataset", "cifar10"]), None, "cpu")
+    assert preset([], "gpu", saved) == "cpu"
+    # the CPU preset is sized by time; an explicit length replaces the budget
+    assert saved["time_budget"] == 30 and "steps" not in saved
+    explicit, _ = train.resolve(train.parse_args(["--dataset", "cifar10", "--steps", "7"]),
+                                None, "cpu")
+    assert explicit["steps"] == 7 and "time_budget" not in explicit
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("steps", -3), ("steps", 0), ("epochs", 0), ("batch_size", 0), ("eval_batch_size", -8),
+    ("lr", -1e-3), ("warmup", 1), ("warmup", -0.1), ("weight_decay", -1), ("clip", 0),
+    ("b1", 1), ("b2", -0.5), ("log_every", 0), ("eval_every", 0), ("ckpt_every", -1),
+    ("time_budget", 0), ("depth", 0), ("scale_factor", "nan"), ("sample", -1),
+    ("temperature", 0)])
+def test_invalid_numbers_are_refused_before_any_work(tmp_path, capsys, flag, value):
+    """Every numeric flag out of range exits with a message naming it, before data or
+    compilation; nothing is written."""
+    expect_error(capsys, f"--{flag}", "--dataset", "synthetic", f"--{flag}", value,
+                 "--workdir", tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_bench_refuses_bad_numbers(capsys):
+    for argv in (["--batch_size", "0"], ["--steps", "-1"], ["--depth", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code != 0
+
+
+def test_progress_lines_leave_metrics_alone(tmp_path, capsys, monkeypatch):
+    """A line at least every PROGRESS_SECONDS of wall time: with a step slower than that
+    (here: PROGRESS_SECONDS = 0) every step prints one, on stdout only; metrics.jsonl is the
+    same as a run that printed none. Compilation is announced and timed."""
+    argv = [*SMALL, "--dataset", "synthetic", "--steps", 6, "--log_every", 3,
+            "--eval_every", 6]
+    run_train(*argv, "--workdir", tmp_path / "quiet")
+    quiet = capsys.readouterr().out
+    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0)
+    run_train(*argv, "--workdir", tmp_path / "chatty")
+    chatty = capsys.readouterr().out
+    assert "(last" not in quiet
+    assert [line.split(" |")[0] for line in chatty.splitlines() if "(last" in line] == [
+        "step 1/6", "step 2/6", "step 5/6"]  # 3 and 6 log; at 4 no loss has been read yet
+    assert "Compiling the training step" in chatty and "compilation included" in chatty
+    assert "Preset 'tiny': chosen with --preset; the time it needs is printed" in chatty
+    assert comparable(metrics(tmp_path / "chatty")) == comparable(metrics(tmp_path / "quiet"))
+
+
+def test_time_budget_fixes_and_stores_the_step_count(tmp_path, capsys):
+    """--time_budget times this machine, fixes steps and cadences before training and stores
+    them, so re-running the command resumes that run exactly; the best checkpoint by test bpd
+    is kept beside the latest, and train and test bpd are logged side by side."""
+    argv = [*SMALL, "--dataset", "synthetic", "--time_budget", 0.6, "--workdir", tmp_path]
+    result = run_train(*argv)
+    out = capsys.readouterr().out
+    assert "steps fit in 0.6 min" in out
+    meta = json.loads(str(np.load(tmp_path / "checkpoint.npz")["meta"]))
+    steps = meta["flags"]["steps"]
+    assert result["step"] == steps == meta["step"] >= 6
+    assert meta["flags"]["eval_every"] == -(-steps // 6)
+    evals = [r for r in metrics(tmp_path) if "test_bpd" in r]
+    assert all("train_eval_bpd" in r for r in evals)
+    best = json.loads(str(np.load(tmp_path / "checkpoint_best.npz")["meta"]))
+    assert best["test_bpd"] == min(r["test_bpd"] for r in evals)
+    assert best["step"] == min(evals, key=lambda r: r["test_bpd"])["step"]
+    assert run_train(*argv)["step"] == steps  # finished: nothing re-timed or re-run
+    assert "Timing this machine" not in capsys.readouterr().out

@@ -32,8 +32,14 @@ import jet
 # ------------------------------------------------------------------------------------------
 # Presets. Explicit flags override them.
 
-MODEL_FLAGS = ("patch_size", "depth", "block_depth", "emb_dim", "num_heads", "mlp_dim",
-               "scale_factor", "kinds", "channel_projs", "spatial_projs")
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(text.split(","))
+
+
+CONFIG_FLAG_TYPES = {"patch_size": int, "depth": int, "block_depth": int, "emb_dim": int,
+                     "num_heads": int, "mlp_dim": int, "scale_factor": float, "kinds": _names,
+                     "channel_projs": _names, "spatial_projs": _names}  # jet.Config fields
+MODEL_FLAGS = tuple(CONFIG_FLAG_TYPES)
 # big_vision configs/proj/jet/imagenet64.py: Adam(b1 0.9, b2 0.95), lr 3e-4 with 10% linear
 # warmup then cosine decay, decoupled weight decay 1e-5, global-norm clipping 1.0.
 RECIPE = dict(lr=3e-4, warmup=0.1, weight_decay=1e-5, clip=1.0, b1=0.9, b2=0.95, seed=0)
@@ -65,10 +71,23 @@ PRESETS = {
                           ckpt_every=1000, remat=True),
 }
 PRESETS["imagenet32"] = PRESETS["cifar10"] | dict(batch_size=1024, epochs=40)
-DEFAULT_PRESET = {"cifar10": "cifar10", "imagenet64": "imagenet64", "imagenet32": "imagenet32",
-                  "mnist": "fashion_mnist", "fashion_mnist": "fashion_mnist"}  # else "tiny"
+# CPU presets: sized by wall time (--time_budget) rather than steps; see README for the choice.
+# Their cadences apply with an explicit --steps; a time budget sets its own (plan_steps).
+PRESETS["cpu"] = dict(patch_size=4, depth=16, block_depth=1, emb_dim=48, num_heads=3,
+                      batch_size=64, time_budget=30, lr=1e-3, remat=False, log_every=50,
+                      eval_every=1000, ckpt_every=200)
+PRESETS["fashion_mnist_cpu"] = PRESETS["cpu"] | dict(patch_size=2, depth=12, emb_dim=32,
+                                                     num_heads=2)
+# Without --preset a dataset gets the preset sized to the machine: paper scale on a GPU or TPU,
+# a model trained in --time_budget minutes on a CPU. Other datasets default to "tiny".
+ACCELERATOR_PRESET = {"cifar10": "cifar10", "imagenet32": "imagenet32",
+                      "imagenet64": "imagenet64", "mnist": "fashion_mnist",
+                      "fashion_mnist": "fashion_mnist"}
+CPU_PRESET = {"cifar10": "cpu", "imagenet32": "cpu", "imagenet64": "cpu",
+              "mnist": "fashion_mnist_cpu", "fashion_mnist": "fashion_mnist_cpu"}
 RECIPE_FLAGS = ("dataset", "preset", "batch_size", "steps", "lr", "warmup", "weight_decay",
                 "clip", "b1", "b2", "seed")  # a resumed run must use the same values
+PROGRESS_SECONDS = 30  # a stdout line at least this often, besides the --log_every lines
 GRID = 64  # samples in the grid written at every evaluation
 CHECKPOINT_FORMAT = "jet-train-checkpoint-v1"  # in every checkpoint's metadata
 
@@ -84,20 +103,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--data_md5", help="expected md5 of a cifar10 archive you trust (e.g. a subset)")
     a("--workdir", default="runs/jet", help="checkpoint, metrics.jsonl and sample grids")
     a("--preset", choices=sorted(PRESETS), help="named settings (default: per dataset)")
-    for name, kind in (("patch_size", int), ("depth", int), ("block_depth", int),
-                       ("emb_dim", int), ("num_heads", int), ("mlp_dim", int),
-                       ("scale_factor", float)):
-        a(f"--{name}", type=kind, help=f"jet.Config.{name}")
-    for name in ("kinds", "channel_projs", "spatial_projs"):
-        a(f"--{name}", type=lambda s: tuple(s.split(",")), help=f"jet.Config.{name}, commas")
+    for name, kind in CONFIG_FLAG_TYPES.items():
+        a(f"--{name}", type=kind, help=f"jet.Config.{name}" + (", commas" * (kind is _names)))
     a("--remat", action=argparse.BooleanOptionalAction, help="recompute coupling activations "
       "in backprop, as big_vision does: less memory for one more forward pass")
     a("--dtype", choices=("float32", "bfloat16"), help="dtype of the ViT matmuls (default "
       "float32); bfloat16 is for accelerators: params, coupling arithmetic, log-det and loss "
       "stay float32 and the flow stays exactly invertible")
     a("--batch_size", type=int, help="global batch, split over all devices")
-    a("--steps", type=int, help="training steps (overrides --epochs)")
+    a("--steps", type=int, help="training steps (overrides --epochs and --time_budget)")
     a("--epochs", type=float, help="training epochs (drop-remainder batches)")
+    a("--time_budget", type=float, metavar="MINUTES", help="size the run to this wall time on "
+      "this machine, compilation and evaluations included: the step count is fixed from "
+      "timed steps before training starts and stored, so a resumed run is exact")
     a("--lr", type=float, help=f"peak learning rate (default {RECIPE['lr']})")
     a("--warmup", type=float, help="fraction of steps of linear warmup before cosine decay")
     a("--weight_decay", type=float, help="big_vision's decoupled wd: p -= schedule * wd * p")
@@ -122,21 +140,58 @@ def parse_args(argv=None) -> argparse.Namespace:
 ACTION_FLAGS = ("workdir", "sample", "temperature", "eval_only", "distributed")  # not settings
 
 
-def resolve(args, saved: dict | None) -> dict:
-    """Flags > the checkpoint's flags (when resuming) > preset > recipe defaults."""
+def default_preset(dataset: str, platform: str) -> tuple[str, str]:
+    """The preset a dataset gets without --preset on this platform, and a line saying why."""
+    if dataset not in ACCELERATOR_PRESET:
+        return "tiny", f"the default for --dataset {dataset}"
+    if platform == "cpu":
+        return CPU_PRESET[dataset], (
+            f"no GPU or TPU was found, so the CPU-sized model; the paper-scale model is "
+            f"--preset {ACCELERATOR_PRESET[dataset]} (it needs an accelerator)")
+    return ACCELERATOR_PRESET[dataset], (
+        f"a {platform.upper()} is present, so the paper-scale model; --preset "
+        f"{CPU_PRESET[dataset]} is the one sized for a CPU")
+
+
+def resolve(args, saved: dict | None, platform: str = "cpu") -> tuple[dict, str]:
+    """Flags > the checkpoint's flags (when resuming) > preset > recipe defaults; and a line
+    saying where the preset came from."""
     explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ACTION_FLAGS}
     if saved is not None:
-        base = dict(saved)
+        base, why = dict(saved), "kept from the checkpoint being resumed"
     else:
         dataset = explicit.get("dataset", "cifar10")
-        preset = explicit.get("preset") or DEFAULT_PRESET.get(dataset, "tiny")
+        preset, why = explicit.get("preset"), "chosen with --preset"
+        if preset is None:
+            preset, why = default_preset(dataset, platform)
         base = RECIPE | dict(preset=preset, dataset=dataset) | PRESETS[preset]
-        if "steps" in explicit or "epochs" in explicit:
-            base.pop("steps", None), base.pop("epochs", None)
+        if {"steps", "epochs", "time_budget"} & set(explicit):
+            for name in ("steps", "epochs", "time_budget"):
+                base.pop(name, None)
     flags = base | explicit
     if saved is None:
         flags.setdefault("eval_batch_size", flags["batch_size"])
-    return flags
+    validate(flags)
+    return flags, why
+
+
+def validate(f: dict) -> None:
+    """Every numeric setting in its range, or a ValueError naming the flag."""
+    def check(name, ok, what):
+        value = f.get(name)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                      and ok(value)):
+            raise ValueError(f"--{name} must be {what}, got {value!r}.")
+    for name in ("steps", "batch_size", "eval_batch_size", "log_every", "eval_every",
+                 "ckpt_every", "depth", "patch_size", "block_depth", "emb_dim", "num_heads",
+                 "mlp_dim"):
+        check(name, lambda v: v == int(v) and v >= 1, "a positive integer")
+    for name in ("epochs", "time_budget", "clip", "scale_factor"):
+        check(name, lambda v: v > 0, "a positive number")
+    check("lr", lambda v: v >= 0, "a number >= 0")
+    check("weight_decay", lambda v: v >= 0, "a number >= 0")
+    for name in ("warmup", "b1", "b2"):
+        check(name, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -290,8 +345,11 @@ def make_evaluate(cfg: jet.Config, test: np.ndarray, batch_size: int, put_batch,
         return jnp.sum(jet.bits_per_dim(z, logdet) * mask)
 
     def evaluate(state, key) -> float:
-        total = 0.0
+        total, last_line = 0.0, time.time()
         for i in range(0, len(test), batch_size):
+            if time.time() - last_line >= PROGRESS_SECONDS:
+                print(f"evaluating: {i}/{len(test)} images", flush=True)
+                last_line = time.time()
             chunk = test[i:i + batch_size]
             pad = batch_size - len(chunk)
             images = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
@@ -337,13 +395,22 @@ def main(argv=None) -> dict:
 
 
 def run(args) -> dict:
+    start_time = time.time()
+    if args.sample < 0 or not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--sample must be >= 0 and --temperature a positive number, got "
+                         f"{args.sample} and {args.temperature}.")
     ckpt_path = os.path.join(args.workdir, "checkpoint.npz")
     arrays, meta = read_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else (None, None)
     if (args.eval_only or args.sample) and meta is None:
         raise ValueError(f"--eval_only/--sample need a checkpoint, but {ckpt_path} does not "
                          "exist; train first or pass the right --workdir.")
-    f = resolve(args, meta and meta["flags"])
+    f, why = resolve(args, meta and meta["flags"], jax.default_backend())
     cfg = meta and check_same_run(args, meta, f)
+    if not (args.sample or args.eval_only):
+        length = (f"sized to {f['time_budget']:g} minutes of wall time on this machine"
+                  if f.get("time_budget") and "steps" not in f else
+                  "the time it needs is printed after its first steps")
+        print(f"Preset {f['preset']!r}: {why}; {length}.", flush=True)
     if args.sample:
         path = os.path.join(args.workdir, f"samples_T{args.temperature:g}_n{args.sample}.png")
         state = restore(arrays, state_template(cfg, None), ckpt_path)
@@ -357,7 +424,7 @@ def run(args) -> dict:
     if cfg is None:
         cfg = jet.Config(image_shape=tuple(train.shape[1:]),
                          **{k: f[k] for k in MODEL_FLAGS if k in f})
-        if "steps" not in f:
+        if "steps" not in f and not f.get("time_budget"):
             epoch = data.steps_per_epoch(len(train), f["batch_size"])
             f["steps"] = max(1, round(f["epochs"] * epoch))
     elif tuple(train.shape[1:]) != cfg.image_shape:
@@ -377,9 +444,8 @@ def run(args) -> dict:
         return jax.make_array_from_process_local_data(batch_sharding, local,
                                                        global_batch.shape)
 
-    tx = make_optimizer(f)
     if meta is not None:
-        state, step = restore(arrays, state_template(cfg, tx), ckpt_path), meta["step"]
+        step = meta["step"]
         print(f"Resuming {args.workdir} at step {step}.", flush=True)
     else:
         rng = jax.random.key_data(jax.random.key(f["seed"]))
@@ -388,22 +454,40 @@ def run(args) -> dict:
         else:
             params, perms = jax.jit(jet.init, static_argnums=1)(
                 run_keys(jax.random.wrap_key_data(rng))["init"], cfg)
-        state = {"params": params, "perms": perms, "rng": rng, "opt_state": tx.init(params)}
+        params, perms = jax.device_put((params, perms), NamedSharding(mesh, PartitionSpec()))
         step = 0
+    dtype = compute_dtype(f)
+    # A fixed slice of the training set, evaluated beside the test set: overfitting shows.
+    train_sample = train[data.batch_indices(len(train), min(len(train), len(test), 2000),
+                                            f["seed"], 0)]
+    evaluate = make_evaluate(cfg, test, f["eval_batch_size"], put_batch, dtype)
+    evaluate_train = make_evaluate(cfg, train_sample, f["eval_batch_size"], put_batch, dtype)
+    if args.eval_only:
+        state = restore(arrays, state_template(cfg, None), ckpt_path)
+        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        test_bpd = evaluate(state, run_keys(jax.random.wrap_key_data(state["rng"]))["eval"])
+        print(f"step {step} | test {test_bpd:.4f} bpd", flush=True)
+        return {"step": step, "test_bpd": test_bpd}
+
+    if "steps" not in f:  # --time_budget: measure this machine, then fix the step count
+        plan = plan_steps(f, cfg, params, perms, train, put_batch, evaluate, evaluate_train,
+                          start_time, dtype)
+        f.update({k: v for k, v in plan.items() if k == "steps" or getattr(args, k) is None})
+    tx = make_optimizer(f)
+    if meta is not None:
+        state = restore(arrays, state_template(cfg, tx), ckpt_path)
+    else:
+        state = {"params": params, "perms": perms, "rng": rng, "opt_state": tx.init(params)}
     del arrays
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))  # replicated
     keys = run_keys(jax.random.wrap_key_data(state["rng"]))
-    evaluate = make_evaluate(cfg, test, f["eval_batch_size"], put_batch, compute_dtype(f))
-    if args.eval_only:
-        test_bpd = evaluate(state, keys["eval"])
-        print(f"step {step} | test {test_bpd:.4f} bpd", flush=True)
-        return {"step": step, "test_bpd": test_bpd}
 
     flops = forward_flops(cfg)
     print(json.dumps({"flags": f, "config": dataclasses.asdict(cfg)}), flush=True)
     print(f"{num_params(state['params']):,} parameters | {flops / 1e9:.3f} GFLOP/image forward,"
           f" ~{3 * flops / 1e9:.3f} to train | {n_dev} {jax.devices()[0].platform} device(s) | "
-          f"{len(train)} train / {len(test)} test images", flush=True)
+          f"{len(train)} train / {len(test)} test images | {f['steps']} steps of "
+          f"{f['batch_size']}", flush=True)
     is_main = jax.process_index() == 0
     metrics_path = os.path.join(args.workdir, "metrics.jsonl")
     if is_main:
@@ -415,14 +499,23 @@ def run(args) -> dict:
             with open(metrics_path, "a") as out:
                 out.write(json.dumps(record) + "\n")
 
-    train_step = make_train_step(cfg, tx, bool(f["remat"]), compute_dtype(f))
+    def save(path, extra=None):
+        save_checkpoint(path, state, {
+            "format": CHECKPOINT_FORMAT, "step": step, "config": dataclasses.asdict(cfg),
+            "flags": f, "data": {"seed": f["seed"], "next_batch": step},
+            "log_window": window, "best_test_bpd": best, **(extra or {})})
+
+    train_step = make_train_step(cfg, tx, bool(f["remat"]), dtype)
     total, bs = f["steps"], f["batch_size"]
     steps_per_epoch = data.steps_per_epoch(len(train), bs)
     # Losses since the last log line; kept in checkpoints so a resumed run logs the same means.
     window = [tuple(pair) for pair in (meta or {}).get("log_window", [])]
-    test_bpd, timer, prev = None, None, None
+    best = (meta or {}).get("best_test_bpd", math.inf)
+    test_bpd, timer, prev, last_line, warned = None, None, None, time.time(), False
     if step >= total:
         print(f"{args.workdir} has finished its {total} steps; see --eval_only.", flush=True)
+    else:
+        print("Compiling the training step (the first step includes it)...", flush=True)
     while step < total:
         batch = put_batch(train[data.batch_indices(len(train), bs, f["seed"], step)])
         state, out = train_step(state, batch, step, keys["noise"])
@@ -436,10 +529,14 @@ def run(args) -> dict:
         if timer is None or step == total or any(
                 step % f[n] == 0 for n in ("log_every", "eval_every", "ckpt_every")):
             window.append(check_finite(*prev, args.workdir))
-            prev, timer = None, timer or (time.time(), step)
+            prev = None
+            if timer is None:
+                timer = (time.time(), step)
+                print(f"Step {step} done in {timer[0] - last_line:.1f} s, compilation "
+                      "included.", flush=True)
+        rate = (step - timer[1]) * bs / max(time.time() - timer[0], 1e-9)
+        eta = (total - step) * bs / rate if rate else math.inf
         if (step % f["log_every"] == 0 or step == total) and window:
-            rate = (step - timer[1]) * bs / max(time.time() - timer[0], 1e-9)
-            eta = (total - step) * bs / rate if rate else 0.0
             lr = f["lr"] * float(schedule(step - 1, total, round(f["warmup"] * total)))
             losses, norms = zip(*window)
             record = {"step": step, "epoch": step / steps_per_epoch,
@@ -447,24 +544,80 @@ def run(args) -> dict:
                       "grad_norm": float(np.mean(norms)), "img_per_s": rate}
             print(f"step {step}/{total} | epoch {record['epoch']:.2f} | train "
                   f"{record['train_bpd']:.4f} bpd | lr {lr:.2e} | grad {record['grad_norm']:.3f}"
-                  f" | {rate:.1f} img/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
-                  flush=True)
+                  f" | {rate:.1f} img/s | ETA {format_seconds(eta)}", flush=True)
             log(record)
-            window, timer = [], (time.time(), step)
+            window, timer, last_line = [], (time.time(), step), time.time()
+        elif time.time() - last_line >= PROGRESS_SECONDS and window:  # stdout only
+            print(f"step {step}/{total} | train {np.mean([w[0] for w in window]):.4f} bpd "
+                  f"(last {len(window)} steps) | {rate:.1f} img/s | ETA {format_seconds(eta)}",
+                  flush=True)
+            last_line = time.time()
+        if not warned and step - timer[1] >= 3 and eta > 24 * 3600:
+            warned = True
+            cpu = CPU_PRESET.get(f["dataset"], "tiny")
+            print(f"WARNING: at {rate:.1f} img/s this run needs {format_seconds(eta)} more on "
+                  f"{n_dev} {jax.devices()[0].platform} device(s). On this machine use "
+                  f"--preset {cpu} (or --time_budget MINUTES).", flush=True)
         if step % f["eval_every"] == 0 or step == total:
             test_bpd = evaluate(state, keys["eval"])
-            print(f"step {step}/{total} | test {test_bpd:.4f} bpd", flush=True)
-            log({"step": step, "test_bpd": test_bpd})
+            train_eval_bpd = evaluate_train(state, keys["eval"])
+            print(f"step {step}/{total} | test {test_bpd:.4f} bpd | train {train_eval_bpd:.4f} "
+                  f"bpd ({len(train_sample)} training images, same noise)", flush=True)
+            log({"step": step, "test_bpd": test_bpd, "train_eval_bpd": train_eval_bpd})
             if is_main:
                 write_samples(os.path.join(args.workdir, f"samples_{step:07d}.png"), state, cfg,
-                              GRID, args.temperature, compute_dtype(f))
-            timer = (time.time(), step)  # img/s counts training only
+                              GRID, args.temperature, dtype)
+                if test_bpd < best:
+                    best = test_bpd
+                    save(os.path.join(args.workdir, "checkpoint_best.npz"),
+                         {"test_bpd": test_bpd})
+            timer, last_line = (time.time(), step), time.time()  # img/s counts training only
         if (step % f["ckpt_every"] == 0 or step == total) and is_main:
-            save_checkpoint(ckpt_path, state, {
-                "format": CHECKPOINT_FORMAT, "step": step, "config": dataclasses.asdict(cfg),
-                "flags": f, "data": {"seed": f["seed"], "next_batch": step},
-                "log_window": window})
+            save(ckpt_path)
     return {"step": step, "test_bpd": test_bpd}
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "unknown"
+    days, rest = divmod(int(seconds), 86400)
+    return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
+
+
+def plan_steps(f, cfg, params, perms, train, put_batch, evaluate, evaluate_train, start_time,
+               dtype) -> dict:
+    """--time_budget: steps (and eval/checkpoint cadences) that fill the budget on this machine.
+
+    Times a few training steps and one evaluation on a copy of the initial state, then
+    budgets: time spent so far + compiling the real step + training + 6 evaluations (test and
+    training slice, sample grid) + 5% margin = budget."""
+    print(f"Timing this machine for --time_budget {f['time_budget']:g} min...", flush=True)
+    tx = make_optimizer(f | {"steps": 10 ** 6})
+    step_fn = make_train_step(cfg, tx, bool(f["remat"]), dtype)
+    copy = jax.tree.map(jnp.copy, (params, perms))
+    state = {"params": copy[0], "perms": copy[1], "opt_state": tx.init(copy[0])}
+    key, bs = jax.random.key(0), f["batch_size"]
+    t0 = time.time()
+    state, out = step_fn(state, put_batch(train[:bs]), 0, key)
+    jax.block_until_ready(out)
+    compile_s, t0, n = time.time() - t0, time.time(), 0
+    while n < 3 or time.time() - t0 < 5:
+        n += 1
+        state, out = step_fn(state, put_batch(train[data.batch_indices(len(train), bs, 0, n)]),
+                             n, key)
+        jax.block_until_ready(out)
+    step_s = (time.time() - t0) / n
+    t0 = time.time()
+    evaluate({"params": params, "perms": perms}, key)  # compiles, then the whole test set
+    evaluate_train({"params": params, "perms": perms}, key)
+    eval_s = time.time() - t0
+    evals = 6
+    left = 0.95 * 60 * f["time_budget"] - (time.time() - start_time) - compile_s - evals * eval_s
+    steps = max(evals, int(left / step_s))
+    print(f"{step_s * 1e3:.0f} ms/step, {eval_s:.0f} s per evaluation, compilation "
+          f"{compile_s:.0f} s: {steps} steps fit in {f['time_budget']:g} min.", flush=True)
+    return {"steps": steps, "eval_every": -(-steps // evals),
+            "ckpt_every": max(1, steps // 30), "log_every": max(1, steps // 100)}
 
 
 def check_same_run(args, meta: dict, f: dict) -> jet.Config:
