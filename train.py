@@ -71,13 +71,14 @@ PRESETS = {
                           ckpt_every=1000, remat=True),
 }
 PRESETS["imagenet32"] = PRESETS["cifar10"] | dict(batch_size=1024, epochs=40)
-# CPU presets: sized by wall time (--time_budget) rather than steps; see README for the choice.
-# Their cadences apply with an explicit --steps; a time budget sets its own (plan_steps).
-PRESETS["cpu"] = dict(patch_size=4, depth=16, block_depth=1, emb_dim=48, num_heads=3,
+# CPU presets: sized by wall time (--time_budget) rather than steps. 24 couplings of width 32
+# won a 7-minute comparison on a held-out slice of the CIFAR-10 training set against 12x32,
+# 16x48, 16x64 and 32x32 (README). Their cadences apply with an explicit --steps; a time
+# budget sets its own (plan_steps). No remat: memory is not what limits a CPU run.
+PRESETS["cpu"] = dict(patch_size=4, depth=24, block_depth=1, emb_dim=32, num_heads=2,
                       batch_size=64, time_budget=30, lr=1e-3, remat=False, log_every=50,
                       eval_every=1000, ckpt_every=200)
-PRESETS["fashion_mnist_cpu"] = PRESETS["cpu"] | dict(patch_size=2, depth=12, emb_dim=32,
-                                                     num_heads=2)
+PRESETS["fashion_mnist_cpu"] = PRESETS["cpu"] | dict(patch_size=2, depth=12)  # not tuned
 # Without --preset a dataset gets the preset sized to the machine: paper scale on a GPU or TPU,
 # a model trained in --time_budget minutes on a CPU. Other datasets default to "tiny".
 ACCELERATOR_PRESET = {"cifar10": "cifar10", "imagenet32": "imagenet32",
@@ -102,7 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--data_url", help="download from this URL instead of the official one (a mirror)")
     a("--data_md5", help="expected md5 of a cifar10 archive you trust (e.g. a subset)")
     a("--workdir", default="runs/jet", help="checkpoint, metrics.jsonl and sample grids")
-    a("--preset", choices=sorted(PRESETS), help="named settings (default: per dataset)")
+    a("--preset", choices=sorted(PRESETS), help="named settings (default: the dataset's "
+      "preset for this machine: CPU-sized without a GPU/TPU, paper-scale with one)")
     for name, kind in CONFIG_FLAG_TYPES.items():
         a(f"--{name}", type=kind, help=f"jet.Config.{name}" + (", commas" * (kind is _names)))
     a("--remat", action=argparse.BooleanOptionalAction, help="recompute coupling activations "
@@ -600,13 +602,16 @@ def plan_steps(f, cfg, params, perms, train, put_batch, evaluate, evaluate_train
     t0 = time.time()
     state, out = step_fn(state, put_batch(train[:bs]), 0, key)
     jax.block_until_ready(out)
-    compile_s, t0, n = time.time() - t0, time.time(), 0
-    while n < 3 or time.time() - t0 < 5:
+    compile_s = time.time() - t0
+    state, out = step_fn(state, put_batch(train[:bs]), 1, key)  # its output's layout may
+    jax.block_until_ready(out)  # differ from the fresh state's: a second compilation
+    t0, n = time.time(), 1
+    while n < 4 or time.time() - t0 < 5:
         n += 1
         state, out = step_fn(state, put_batch(train[data.batch_indices(len(train), bs, 0, n)]),
                              n, key)
         jax.block_until_ready(out)
-    step_s = (time.time() - t0) / n
+    step_s = (time.time() - t0) / (n - 1)
     t0 = time.time()
     evaluate({"params": params, "perms": perms}, key)  # compiles, then the whole test set
     evaluate_train({"params": params, "perms": perms}, key)
