@@ -13,6 +13,7 @@ usual for utilisation figures).
 """
 
 import argparse
+import dataclasses
 import json
 import resource
 import time
@@ -103,8 +104,9 @@ def main(argv=None) -> dict:
         np.random.default_rng(0).integers(0, 256, (batch, *cfg.image_shape), np.uint8))
     noise = jax.random.key(1)
 
-    result = {"config": {k: v for k, v in vars(cfg).items()}, "batch": batch,
-              "dtype": args.dtype, "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    result = {"config": dataclasses.asdict(cfg), "batch": batch, "dtype": args.dtype,
+              "device": device,
               "params": train.num_params(params),
               "gflop_per_image_forward": train.forward_flops(cfg) / 1e9,
               "gflop_per_image_train": 3 * train.forward_flops(cfg) / 1e9}
@@ -135,16 +137,16 @@ def main(argv=None) -> dict:
                                                                   compute_dtype=dtype)))
     _, seconds = timed(evaluate, params, x, steps=args.steps)
     result["eval_img_per_s"] = batch / seconds
-    sample = jax.jit(jet.sample, static_argnums=(3, 4, 6))
-    _, seconds = timed(sample, params, perms, noise, batch, cfg, 1.0, dtype, steps=args.steps)
+    _, seconds = timed(train._sample, params, perms, noise, batch, cfg, 1.0, dtype,
+                       steps=args.steps)
     result["sample_img_per_s"] = batch / seconds
     result["memory_bytes"] = peak_memory_bytes()
 
     if args.json:
         print(json.dumps(result), flush=True)
         return result
-    print(f"{args.preset}{' ' + str(overrides) if overrides else ''}: batch {batch}, {args.dtype} matmuls, "
-          f"{result['device']}, {result['params']:,} params, "
+    name = f"{args.preset} {overrides}" if overrides else args.preset
+    print(f"{name}: batch {batch}, {args.dtype} matmuls, {device}, {result['params']:,} params, "
           f"{result['gflop_per_image_forward']:.3f} GFLOP/image forward "
           f"({result['gflop_per_image_train']:.3f} per training image)")
     print("matmul peak: " + ", ".join(f"{k} {v:.3f} TFLOP/s"

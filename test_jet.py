@@ -259,7 +259,7 @@ def test_fused_gathers_equal_the_plain_couplings(cfg, seed):
     the couplings of coupling_forward / coupling_inverse (split, equation, merge) in order."""
     params, perms = random_params(cfg, seed)
     x = images(jax.random.key(seed), cfg)
-    layer = [jax.tree.map(lambda a: a[i], params) for i in range(cfg.depth)]  # noqa: B023
+    layer = [jax.tree.map(lambda a: a[i], params) for i in range(cfg.depth)]
     for fn, plain, order in ((forward, jet.coupling_forward, range(cfg.depth)),
                              (inverse, jet.coupling_inverse, reversed(range(cfg.depth)))):
         h, logdet = jet.patchify(x, cfg.patch_size), 0.0

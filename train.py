@@ -459,11 +459,7 @@ def run(args) -> dict:
         params, perms = jax.device_put((params, perms), NamedSharding(mesh, PartitionSpec()))
         step = 0
     dtype = compute_dtype(f)
-    # A fixed slice of the training set, evaluated beside the test set: overfitting shows.
-    train_sample = train[data.batch_indices(len(train), min(len(train), len(test), 2000),
-                                            f["seed"], 0)]
     evaluate = make_evaluate(cfg, test, f["eval_batch_size"], put_batch, dtype)
-    evaluate_train = make_evaluate(cfg, train_sample, f["eval_batch_size"], put_batch, dtype)
     if args.eval_only:
         state = restore(arrays, state_template(cfg, None), ckpt_path)
         state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
@@ -471,9 +467,17 @@ def run(args) -> dict:
         print(f"step {step} | test {test_bpd:.4f} bpd", flush=True)
         return {"step": step, "test_bpd": test_bpd}
 
+    # A fixed slice of the training set, evaluated beside the test set: overfitting shows.
+    train_sample = train[data.batch_indices(len(train), min(len(train), len(test), 2000),
+                                            f["seed"], 0)]
+    evaluate_train = make_evaluate(cfg, train_sample, f["eval_batch_size"], put_batch, dtype)
+
+    def evaluate_both(state, key) -> tuple[float, float]:  # (test bpd, training-slice bpd)
+        return evaluate(state, key), evaluate_train(state, key)
+
     if "steps" not in f:  # --time_budget: measure this machine, then fix the step count
-        plan = plan_steps(f, cfg, params, perms, train, put_batch, evaluate, evaluate_train,
-                          start_time, dtype)
+        plan = plan_steps(f, cfg, params, perms, train, put_batch, evaluate_both, start_time,
+                          dtype)
         f.update({k: v for k, v in plan.items() if k == "steps" or getattr(args, k) is None})
     tx = make_optimizer(f)
     if meta is not None:
@@ -561,8 +565,7 @@ def run(args) -> dict:
                   f"{n_dev} {jax.devices()[0].platform} device(s). On this machine use "
                   f"--preset {cpu} (or --time_budget MINUTES).", flush=True)
         if step % f["eval_every"] == 0 or step == total:
-            test_bpd = evaluate(state, keys["eval"])
-            train_eval_bpd = evaluate_train(state, keys["eval"])
+            test_bpd, train_eval_bpd = evaluate_both(state, keys["eval"])
             print(f"step {step}/{total} | test {test_bpd:.4f} bpd | train {train_eval_bpd:.4f} "
                   f"bpd ({len(train_sample)} training images, same noise)", flush=True)
             log({"step": step, "test_bpd": test_bpd, "train_eval_bpd": train_eval_bpd})
@@ -586,7 +589,7 @@ def format_seconds(seconds: float) -> str:
     return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
 
 
-def plan_steps(f, cfg, params, perms, train, put_batch, evaluate, evaluate_train, start_time,
+def plan_steps(f, cfg, params, perms, train, put_batch, evaluate_both, start_time,
                dtype) -> dict:
     """--time_budget: steps (and eval/checkpoint cadences) that fill the budget on this machine.
 
@@ -613,8 +616,7 @@ def plan_steps(f, cfg, params, perms, train, put_batch, evaluate, evaluate_train
         jax.block_until_ready(out)
     step_s = (time.time() - t0) / (n - 1)
     t0 = time.time()
-    evaluate({"params": params, "perms": perms}, key)  # compiles, then the whole test set
-    evaluate_train({"params": params, "perms": perms}, key)
+    evaluate_both({"params": params, "perms": perms}, key)  # compiles, then both sets
     eval_s = time.time() - t0
     evals = 6
     left = 0.95 * 60 * f["time_budget"] - (time.time() - start_time) - compile_s - evals * eval_s
