@@ -310,31 +310,32 @@ def coupling_scale(s, k):
     logdet = jnp.sum(jax.nn.log_sigmoid(s) + math.log(k), axis=(1, 2))
     return jax.nn.sigmoid(s) * k, logdet
 
-def affine_forward(p, x1, x2, k):
+def affine_forward(p, x1, x2, k, net=coupling_net):
     """The coupling's equation on the halves [B, N, D/2]: y2 = (x2 + b(x1)) * sigmoid(s(x1)) * k;
-    returns y2 and log|det dy/dx| [B]."""
-    b, s = coupling_net(p, x1)
+    returns y2 and log|det dy/dx| [B]. `net` maps x1 to (b, s): the ViT, or any other network
+    with that interface (ablate.py's CNN); any such net keeps the coupling invertible."""
+    b, s = net(p, x1)
     scale, logdet = coupling_scale(s, k)
     return (x2 + b) * scale, logdet
 
-def affine_inverse(p, y1, y2, k):
+def affine_inverse(p, y1, y2, k, net=coupling_net):
     """x2 = y2 / (sigmoid(s(y1)) * k) - b(y1), and log|det dx/dy| [B]. y1 = x1, so b and s are
     exactly the forward's."""
-    b, s = coupling_net(p, y1)
+    b, s = net(p, y1)
     scale, logdet = coupling_scale(s, k)
     return y2 / scale - b, -logdet
 
-def coupling_forward(p, index, x, k):
+def coupling_forward(p, index, x, k, net=coupling_net):
     """One coupling, [B, N, D] -> y [B, N, D], log|det dy/dx| [B]. `forward` runs the same
     couplings with each merge and the next split fused into one gather."""
     x1, x2 = split(x, index)
-    y2, logdet = affine_forward(p, x1, x2, k)
+    y2, logdet = affine_forward(p, x1, x2, k, net)
     return merge(x1, y2, index), logdet
 
-def coupling_inverse(p, index, y, k):
+def coupling_inverse(p, index, y, k, net=coupling_net):
     """[B, N, D] -> x [B, N, D], log|det dx/dy| [B] (= minus the forward's)."""
     y1, y2 = split(y, index)
-    x2, logdet = affine_inverse(p, y1, y2, k)
+    x2, logdet = affine_inverse(p, y1, y2, k, net)
     return merge(y1, x2, index), logdet
 
 

@@ -321,13 +321,13 @@ def compute_dtype(f: dict):
     return {"float32": None, "bfloat16": jnp.bfloat16}[f.get("dtype") or "float32"]
 
 
-def make_train_step(cfg: jet.Config, tx, remat: bool, dtype=None):
+def make_train_step(cfg: jet.Config, tx, remat: bool, dtype=None, forward=jet.forward):
     """One jitted update: dequantize with noise key fold_in(key, step), loss = mean bits/dim."""
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state, images, step, noise_key):
         def loss_fn(params):
             x = jet.dequantize(jax.random.fold_in(noise_key, step), images)
-            z, logdet = jet.forward(params, state["perms"], x, cfg, remat, dtype)
+            z, logdet = forward(params, state["perms"], x, cfg, remat, dtype)
             return jet.bits_per_dim(z, logdet).mean()
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -337,13 +337,14 @@ def make_train_step(cfg: jet.Config, tx, remat: bool, dtype=None):
     return train_step
 
 
-def make_evaluate(cfg: jet.Config, test: np.ndarray, batch_size: int, put_batch, dtype=None):
+def make_evaluate(cfg: jet.Config, test: np.ndarray, batch_size: int, put_batch, dtype=None,
+                  forward=jet.forward):
     """Mean test bits/dim over the whole test split (last batch padded and masked), with the
     noise of batch i fixed to fold_in(key, i) so the figure is reproducible."""
     @jax.jit
     def batch_sum(params, perms, images, mask, key):
         x = jet.dequantize(key, images)
-        z, logdet = jet.forward(params, perms, x, cfg, compute_dtype=dtype)
+        z, logdet = forward(params, perms, x, cfg, compute_dtype=dtype)
         return jnp.sum(jet.bits_per_dim(z, logdet) * mask)
 
     def evaluate(state, key) -> float:
@@ -368,35 +369,38 @@ def run_keys(rng: jax.Array) -> dict[str, jax.Array]:
 
 
 _sample = jax.jit(jet.sample, static_argnums=(3, 4, 6))
+# The flow that run() trains. ablate.py passes variants with the same signatures, plus
+# "data_init" (params, perms, x, cfg) -> params where a variant initialises from data.
+JET = {"name": "jet", "init": jet.init, "forward": jet.forward, "sample": _sample}
 
 
 def write_samples(path: str, state: dict, cfg: jet.Config, n: int, temperature: float,
-                  dtype=None) -> None:
+                  dtype=None, sample=_sample) -> None:
     """A PNG grid of n samples, drawn with the run's sample key (the same noise every time)."""
     key = run_keys(jax.random.wrap_key_data(state["rng"]))["sample"]
-    images = _sample(state["params"], state["perms"], key, n, cfg, temperature, dtype)
+    images = sample(state["params"], state["perms"], key, n, cfg, temperature, dtype)
     write_png(path, to_host(images))
 
 
-def state_template(cfg: jet.Config, tx) -> dict:
-    params = jax.eval_shape(lambda: jet.init(jax.random.key(0), cfg)[0])
+def state_template(cfg: jet.Config, tx, init=jet.init) -> dict:
+    params = jax.eval_shape(lambda: init(jax.random.key(0), cfg)[0])
     perms = jax.ShapeDtypeStruct((cfg.depth, cfg.num_tokens * cfg.token_dim), jnp.int32)
     rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     return {"params": params, "perms": perms, "rng": rng,
             **({"opt_state": jax.eval_shape(tx.init, params)} if tx else {})}
 
 
-def main(argv=None) -> dict:
+def main(argv=None, model=None) -> dict:
     args = parse_args(argv)
     if args.distributed:
         jax.distributed.initialize()
     try:
-        return run(args)
+        return run(args, model or JET)
     except ValueError as e:  # bad flags, data or checkpoint: one clear line, no traceback
         sys.exit(f"train.py: error: {e}")
 
 
-def run(args) -> dict:
+def run(args, model=JET) -> dict:
     start_time = time.time()
     if args.sample < 0 or not (math.isfinite(args.temperature) and args.temperature > 0):
         raise ValueError(f"--sample must be >= 0 and --temperature a positive number, got "
@@ -408,6 +412,9 @@ def run(args) -> dict:
                          "exist; train first or pass the right --workdir.")
     f, why = resolve(args, meta and meta["flags"], jax.default_backend())
     cfg = meta and check_same_run(args, meta, f)
+    if meta and meta.get("model", "jet") != model["name"]:
+        raise ValueError(f"{args.workdir} holds a run of model {meta.get('model', 'jet')!r}, "
+                         f"not {model['name']!r}; use another --workdir.")
     if not (args.sample or args.eval_only):
         length = (f"sized to {f['time_budget']:g} minutes of wall time on this machine"
                   if f.get("time_budget") and "steps" not in f else
@@ -415,8 +422,9 @@ def run(args) -> dict:
         print(f"Preset {f['preset']!r}: {why}; {length}.", flush=True)
     if args.sample:
         path = os.path.join(args.workdir, f"samples_T{args.temperature:g}_n{args.sample}.png")
-        state = restore(arrays, state_template(cfg, None), ckpt_path)
-        write_samples(path, state, cfg, args.sample, args.temperature, compute_dtype(f))
+        state = restore(arrays, state_template(cfg, None, model["init"]), ckpt_path)
+        write_samples(path, state, cfg, args.sample, args.temperature, compute_dtype(f),
+                      model["sample"])
         print(f"Wrote {args.sample} samples to {path}.", flush=True)
         return {"samples": path}
 
@@ -452,16 +460,21 @@ def run(args) -> dict:
     else:
         rng = jax.random.key_data(jax.random.key(f["seed"]))
         if f.get("init_from"):
-            params, perms = load_params(f["init_from"], state_template(cfg, None), cfg)
+            params, perms = load_params(f["init_from"], state_template(cfg, None,
+                                                                       model["init"]), cfg)
         else:
-            params, perms = jax.jit(jet.init, static_argnums=1)(
-                run_keys(jax.random.wrap_key_data(rng))["init"], cfg)
+            key = run_keys(jax.random.wrap_key_data(rng))["init"]
+            params, perms = jax.jit(model["init"], static_argnums=1)(key, cfg)
+            if "data_init" in model:  # e.g. ActNorm: statistics of the first training batch
+                first = train[data.batch_indices(len(train), f["batch_size"], f["seed"], 0)]
+                params = model["data_init"](params, perms, jet.dequantize(key, first), cfg)
         params, perms = jax.device_put((params, perms), NamedSharding(mesh, PartitionSpec()))
         step = 0
     dtype = compute_dtype(f)
-    evaluate = make_evaluate(cfg, test, f["eval_batch_size"], put_batch, dtype)
+    evaluate = make_evaluate(cfg, test, f["eval_batch_size"], put_batch, dtype,
+                             model["forward"])
     if args.eval_only:
-        state = restore(arrays, state_template(cfg, None), ckpt_path)
+        state = restore(arrays, state_template(cfg, None, model["init"]), ckpt_path)
         state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
         test_bpd = evaluate(state, run_keys(jax.random.wrap_key_data(state["rng"]))["eval"])
         print(f"step {step} | test {test_bpd:.4f} bpd", flush=True)
@@ -470,18 +483,19 @@ def run(args) -> dict:
     # A fixed slice of the training set, evaluated beside the test set: overfitting shows.
     train_sample = train[data.batch_indices(len(train), min(len(train), len(test), 2000),
                                             f["seed"], 0)]
-    evaluate_train = make_evaluate(cfg, train_sample, f["eval_batch_size"], put_batch, dtype)
+    evaluate_train = make_evaluate(cfg, train_sample, f["eval_batch_size"], put_batch, dtype,
+                                   model["forward"])
 
     def evaluate_both(state, key) -> tuple[float, float]:  # (test bpd, training-slice bpd)
         return evaluate(state, key), evaluate_train(state, key)
 
     if "steps" not in f:  # --time_budget: measure this machine, then fix the step count
         plan = plan_steps(f, cfg, params, perms, train, put_batch, evaluate_both, start_time,
-                          dtype)
+                          dtype, model["forward"])
         f.update({k: v for k, v in plan.items() if k == "steps" or getattr(args, k) is None})
     tx = make_optimizer(f)
     if meta is not None:
-        state = restore(arrays, state_template(cfg, tx), ckpt_path)
+        state = restore(arrays, state_template(cfg, tx, model["init"]), ckpt_path)
     else:
         state = {"params": params, "perms": perms, "rng": rng, "opt_state": tx.init(params)}
     del arrays
@@ -507,11 +521,12 @@ def run(args) -> dict:
 
     def save(path, extra=None):
         save_checkpoint(path, state, {
-            "format": CHECKPOINT_FORMAT, "step": step, "config": dataclasses.asdict(cfg),
+            "format": CHECKPOINT_FORMAT, "model": model["name"], "step": step,
+            "config": dataclasses.asdict(cfg),
             "flags": f, "data": {"seed": f["seed"], "next_batch": step},
             "log_window": window, "best_test_bpd": best, **(extra or {})})
 
-    train_step = make_train_step(cfg, tx, bool(f["remat"]), dtype)
+    train_step = make_train_step(cfg, tx, bool(f["remat"]), dtype, model["forward"])
     total, bs = f["steps"], f["batch_size"]
     steps_per_epoch = data.steps_per_epoch(len(train), bs)
     # Losses since the last log line; kept in checkpoints so a resumed run logs the same means.
@@ -571,7 +586,7 @@ def run(args) -> dict:
             log({"step": step, "test_bpd": test_bpd, "train_eval_bpd": train_eval_bpd})
             if is_main:
                 write_samples(os.path.join(args.workdir, f"samples_{step:07d}.png"), state, cfg,
-                              GRID, args.temperature, dtype)
+                              GRID, args.temperature, dtype, model["sample"])
                 if test_bpd < best:
                     best = test_bpd
                     save(os.path.join(args.workdir, "checkpoint_best.npz"),
@@ -590,7 +605,7 @@ def format_seconds(seconds: float) -> str:
 
 
 def plan_steps(f, cfg, params, perms, train, put_batch, evaluate_both, start_time,
-               dtype) -> dict:
+               dtype, forward=jet.forward) -> dict:
     """--time_budget: steps (and eval/checkpoint cadences) that fill the budget on this machine.
 
     Times a few training steps and one evaluation on a copy of the initial state, then
@@ -598,7 +613,7 @@ def plan_steps(f, cfg, params, perms, train, put_batch, evaluate_both, start_tim
     training slice, sample grid) + 5% margin = budget."""
     print(f"Timing this machine for --time_budget {f['time_budget']:g} min...", flush=True)
     tx = make_optimizer(f | {"steps": 10 ** 6})
-    step_fn = make_train_step(cfg, tx, bool(f["remat"]), dtype)
+    step_fn = make_train_step(cfg, tx, bool(f["remat"]), dtype, forward)
     copy = jax.tree.map(jnp.copy, (params, perms))
     state = {"params": copy[0], "perms": copy[1], "opt_state": tx.init(copy[0])}
     key, bs = jax.random.key(0), f["batch_size"]

@@ -1,0 +1,448 @@
+"""Why Jet looks the way it does: the paper's design findings, checked in the small on a CPU.
+
+Each experiment trains variants of train.py's `cpu` preset for an equal number of training
+FLOPs (computed from each variant's configuration: 3x the forward pass's matmul and
+convolution FLOPs per image), with several seeds, and prints a markdown table.
+
+  python ablate.py --list
+  python ablate.py --experiment coupling_net [--data_dir DIR] [--budget TFLOP] [--seeds N]
+  python ablate.py --quick           # seconds: every experiment, tiny models, synthetic data
+
+Training, data and evaluation are train.py's (train.main with a `model`); this file only
+adds what jet.py deliberately leaves out: a CNN coupling network, and the bijections earlier
+flows put between couplings (ActNorm, an invertible dense layer over each token's D values).
+Results are appended to <workdir>/results.jsonl; a run already there (same variant flags,
+seed, budget and data) is read back instead of trained again, so an interrupted experiment
+resumes where it stopped and experiments share their common baseline runs.
+
+Multiscale factoring (Real NVP, Glow) is not here: it changes the flow's structure (latents
+leave the flow half-way, later couplings see fewer dims), not a piece between couplings.
+"""
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import data
+import jet
+import train
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# ------------------------------------------------------------------------------------------
+# A CNN coupling network, interchangeable with the ViT (jet.coupling_net): x1 -> (b, s)
+
+def init_cnn(key, cfg: jet.Config, width: int, blocks: int, dtype=jnp.float32) -> dict:
+    """One coupling's CNN: 1x1 projection of (x1, mask) to `width` channels, `blocks` residual
+    blocks of two 3x3 convolutions, LayerNorm, zero 1x1 projection to (b, s): identity at init."""
+    D = cfg.token_dim
+    k_in, k_blocks, k_out = jax.random.split(key, 3)
+    conv_init = jax.nn.initializers.lecun_normal()  # flax nn.Conv default, fans include 3x3
+
+    def block(k):
+        k1, k2 = jax.random.split(k)
+        conv = lambda k: {"kernel": conv_init(k, (3, 3, width, width), dtype),  # noqa: E731
+                          "bias": jnp.zeros((width,), dtype)}
+        return {"ln1": jet.init_layer_norm(width, dtype), "conv1": conv(k1),
+                "ln2": jet.init_layer_norm(width, dtype), "conv2": conv(k2)}
+    return {"in": jet.init_dense(k_in, 2 * D, width, dtype=dtype),
+            "blocks": jax.vmap(block)(jax.random.split(k_blocks, blocks)),
+            "norm": jet.init_layer_norm(width, dtype),
+            "out": jet.init_dense(k_out, width, 2 * D, jax.nn.initializers.zeros, dtype=dtype)}
+
+def conv3x3(p, h, grid):
+    """[B, N, W] read as the (H/P, W/P) patch grid -> [B, N, W'], zero ('SAME') padding."""
+    B, N, W = h.shape
+    out = jax.lax.conv_general_dilated(h.reshape(B, *grid, W), p["kernel"], (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       precision=HIGHEST)
+    return out.reshape(B, N, -1) + p["bias"][None, None]
+
+def cnn_net(p, x1, index, grid):
+    """x1 [B, N, D/2] -> b, s [B, N, D/2], as jet.coupling_net. x1 goes back to its places on
+    the patch grid [B, N, D] with x2's places zero, beside a 0/1 mask of which is which (Real
+    NVP's masked convolution, so spatial couplings stay spatial); b, s are read at x2's places."""
+    zeros = jnp.zeros_like(x1)
+    h = jet.merge(x1, zeros, index)  # [B, N, D]
+    mask = jnp.broadcast_to(jet.merge(jnp.ones_like(x1[:1]), zeros[:1], index), h.shape)
+    h = jet.dense(p["in"], jnp.concatenate([h, mask], axis=-1))  # [B, N, 2D] -> [B, N, W]
+    for i in range(p["blocks"]["ln1"]["scale"].shape[0]):
+        q = jax.tree.map(lambda a: a[i], p["blocks"])
+        r = conv3x3(q["conv1"], jax.nn.relu(jet.layer_norm(q["ln1"], h)), grid)
+        h = h + conv3x3(q["conv2"], jax.nn.relu(jet.layer_norm(q["ln2"], r)), grid)
+    out = jet.dense(p["out"], jax.nn.relu(jet.layer_norm(p["norm"], h)))  # [B, N, 2D]
+    b, s = jnp.split(out, 2, axis=-1)  # each [B, N, D], one value per place on the grid
+    return jet.split(b, index)[1], jet.split(s, index)[1]  # x2's places: [B, N, D/2]
+
+def cnn_flops(cfg: jet.Config, width: int, blocks: int) -> int:
+    """Forward FLOPs (2x multiply-adds) of one coupling's CNN on one image."""
+    N, D = cfg.num_tokens, cfg.token_dim
+    return 2 * N * (2 * D * width + blocks * 2 * 9 * width * width + width * 2 * D)
+
+def cnn_width(cfg: jet.Config, blocks: int) -> int:
+    """The width whose CNN costs closest to the ViT it replaces (FLOPs per coupling)."""
+    vit = train.forward_flops(cfg) / cfg.depth
+    return min(range(1, 1025), key=lambda w: abs(cnn_flops(cfg, w, blocks) - vit))
+
+
+# ------------------------------------------------------------------------------------------
+# Bijections Jet removed, each on the flow's tokens [B, N, D] with its log-det [B]
+
+def init_actnorm(cfg: jet.Config, dtype=jnp.float32) -> dict:
+    D = cfg.token_dim
+    return {"bias": jnp.zeros((D,), dtype), "log_scale": jnp.zeros((D,), dtype)}
+
+def actnorm_forward(p, h):
+    """Glow's ActNorm: y = (h + bias) * exp(log_scale), one pair per token dim (shared by the N
+    tokens, as Glow shares it over pixels); log|det| = N * sum(log_scale)."""
+    B, N, _ = h.shape
+    y = (h + p["bias"][None, None]) * jnp.exp(p["log_scale"])[None, None]
+    return y, jnp.full((B,), N * p["log_scale"].sum())
+
+def actnorm_inverse(p, y):
+    B, N, _ = y.shape
+    h = y * jnp.exp(-p["log_scale"])[None, None] - p["bias"][None, None]
+    return h, jnp.full((B,), -N * p["log_scale"].sum())
+
+def actnorm_data_init(h) -> dict:
+    """Glow's data-dependent init: the ActNorm's output on batch h [B, N, D] has zero mean and
+    unit variance in every dim."""
+    return {"bias": -h.mean((0, 1)), "log_scale": -jnp.log(h.std((0, 1)) + 1e-6)}
+
+def init_token_dense(key, cfg: jet.Config, dtype=jnp.float32) -> dict:
+    """A random rotation of the D dims: invertible, log|det| = 0 at init."""
+    D = cfg.token_dim
+    return {"kernel": jax.nn.initializers.orthogonal()(key, (D, D), dtype)}
+
+def token_dense_forward(p, h):
+    """Invertible dense layer over each token's D values (Glow's 1x1 convolution on patches):
+    y = h W; log|det| = N * log|det W| (explicit slogdet: D x D is small)."""
+    N = h.shape[1]
+    y = jnp.einsum("bnd,de->bne", h, p["kernel"], precision=HIGHEST)
+    return y, jnp.full((h.shape[0],), N * jnp.linalg.slogdet(p["kernel"])[1])
+
+def token_dense_inverse(p, y):
+    N = y.shape[1]
+    h = jnp.einsum("bne,ed->bnd", y, jnp.linalg.inv(p["kernel"]), precision=HIGHEST)
+    return h, jnp.full((y.shape[0],), -N * jnp.linalg.slogdet(p["kernel"])[1])
+
+
+# ------------------------------------------------------------------------------------------
+# Variants and the flow they define: [ActNorm] [dense] coupling, repeated `depth` times
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One arm of an experiment: train.py flags over the cpu preset, plus what jet.py lacks."""
+
+    name: str
+    flags: tuple = ()  # (train.py flag, value) pairs, e.g. (("depth", 12), ("block_depth", 2))
+    net: str = "vit"  # the coupling network: "vit" (jet.coupling_net) or "cnn" (cnn_net)
+    cnn_blocks: int = 1  # residual blocks of the CNN; its width matches the ViT's FLOPs
+    actnorm: bool = False  # an ActNorm before every coupling
+    dense: bool = False  # an invertible dense layer over each token before every coupling
+
+    @property
+    def is_jet(self) -> bool:
+        return self.net == "vit" and not (self.actnorm or self.dense)
+
+def coupling_network(v: Variant, cfg: jet.Config, index):
+    if v.net == "vit":
+        return jet.coupling_net
+    return functools.partial(cnn_net, index=index, grid=cfg.grid)
+
+def init_flow(key, cfg: jet.Config, v: Variant) -> tuple[dict, jax.Array]:
+    """Params with a leading [depth] axis, as jet.init's, and jet's split indices."""
+    k_params, k_perms = jax.random.split(key)  # as jet.init
+    keys = jax.random.split(k_params, cfg.depth)
+    if v.net == "vit":
+        couplings = jax.vmap(lambda k: jet.init_coupling_net(k, cfg))(keys)
+    else:
+        width = cnn_width(cfg, v.cnn_blocks)
+        couplings = jax.vmap(lambda k: init_cnn(k, cfg, width, v.cnn_blocks))(keys)
+    params = {"coupling": couplings}
+    if v.actnorm:
+        params["actnorm"] = jax.vmap(lambda _: init_actnorm(cfg))(keys)
+    if v.dense:
+        dense_keys = jax.random.split(jax.random.fold_in(k_params, 1), cfg.depth)
+        params["dense"] = jax.vmap(lambda k: init_token_dense(k, cfg))(dense_keys)
+    return params, jet.init_perms(k_perms, cfg)
+
+def _check_dtype(compute_dtype):
+    if compute_dtype is not None:
+        raise ValueError("ablation variants run in float32 only; drop --dtype.")
+
+def layer_forward(p, index, h, cfg: jet.Config, v: Variant):
+    """[ActNorm] -> [dense] -> coupling on h [B, N, D]; returns y, log|det| [B]."""
+    logdet = jnp.zeros((h.shape[0],), h.dtype)
+    for name, bijection in (("actnorm", actnorm_forward), ("dense", token_dense_forward)):
+        if name in p:
+            h, ld = bijection(p[name], h)
+            logdet = logdet + ld
+    y, ld = jet.coupling_forward(p["coupling"], index, h, cfg.scale_factor,
+                                 coupling_network(v, cfg, index))
+    return y, logdet + ld
+
+def layer_inverse(p, index, y, cfg: jet.Config, v: Variant):
+    """The exact inverse of layer_forward, in reverse order."""
+    h, logdet = jet.coupling_inverse(p["coupling"], index, y, cfg.scale_factor,
+                                     coupling_network(v, cfg, index))
+    for name, bijection in (("dense", token_dense_inverse), ("actnorm", actnorm_inverse)):
+        if name in p:
+            h, ld = bijection(p[name], h)
+            logdet = logdet + ld
+    return h, logdet
+
+def flow_forward(params, perms, x, cfg: jet.Config, remat=False, compute_dtype=None, *,
+                 v: Variant):
+    """x [B, H, W, C] -> z, log|det dz/dx| [B]; jet.forward's signature (for train.py)."""
+    _check_dtype(compute_dtype)
+    step = lambda h, layer: layer_forward(*layer, h, cfg, v)  # noqa: E731
+    h, logdets = jax.lax.scan(jax.checkpoint(step) if remat else step,
+                              jet.patchify(x, cfg.patch_size), (params, perms))
+    return jet.unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
+
+def flow_inverse(params, perms, z, cfg: jet.Config, compute_dtype=None, *, v: Variant):
+    _check_dtype(compute_dtype)
+    step = lambda h, layer: layer_inverse(*layer, h, cfg, v)  # noqa: E731
+    h, logdets = jax.lax.scan(step, jet.patchify(z, cfg.patch_size), (params, perms),
+                              reverse=True)
+    return jet.unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
+
+def flow_sample(params, perms, key, n, cfg: jet.Config, temperature=1.0, compute_dtype=None,
+                *, v: Variant):
+    """As jet.sample, through flow_inverse."""
+    z = temperature * jax.random.normal(key, (n, *cfg.image_shape))
+    x, _ = flow_inverse(params, perms, z, cfg, compute_dtype, v=v)
+    return jnp.clip(jnp.floor((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+def flow_data_init(params, perms, x, cfg: jet.Config, *, v: Variant) -> dict:
+    """Each ActNorm initialised from the batch x as it arrives there, in flow order (Glow)."""
+    layer = jax.jit(lambda p, index, h: layer_forward(p, index, h, cfg, v)[0])
+    h = jet.patchify(x, cfg.patch_size)
+    for i in range(cfg.depth):
+        init = actnorm_data_init(h)
+        params["actnorm"] = jax.tree.map(lambda a, b: a.at[i].set(b), params["actnorm"], init)
+        h = layer(jax.tree.map(lambda a: a[i], params), perms[i], h)
+    return params
+
+def make_model(v: Variant) -> dict:
+    """What train.main trains for this variant: jet itself, or the flow above."""
+    if v.is_jet:
+        return train.JET
+    model = {"name": f"ablate:{v.net}{v.cnn_blocks if v.net == 'cnn' else ''}"
+                     f"{'+actnorm' * v.actnorm}{'+dense' * v.dense}",
+             "init": functools.partial(init_flow, v=v),
+             "forward": functools.partial(flow_forward, v=v),
+             "sample": jax.jit(functools.partial(flow_sample, v=v), static_argnums=(3, 4, 6))}
+    if v.actnorm:
+        model["data_init"] = functools.partial(flow_data_init, v=v)
+    return model
+
+def forward_flops(cfg: jet.Config, v: Variant) -> int:
+    """Forward FLOPs per image: coupling networks, plus the dense layers' matmuls."""
+    if v.net == "vit":
+        flops = train.forward_flops(cfg)
+    else:
+        flops = cfg.depth * cnn_flops(cfg, cnn_width(cfg, v.cnn_blocks), v.cnn_blocks)
+    return flops + v.dense * cfg.depth * 2 * cfg.num_tokens * cfg.token_dim ** 2
+
+
+# ------------------------------------------------------------------------------------------
+# Experiments: one per claim of the paper
+
+SIX = ",".join(train.ALL_SIX)
+OFFICIAL_KINDS = ",".join(["channels"] * 4 + ["spatial"])
+BASE = Variant("cpu preset: 24 couplings x 1 ViT block, width 32, P=4")
+EXPERIMENTS = {
+    "coupling_net": ("ViT coupling networks beat CNN ones", (
+        BASE,
+        Variant("CNN, 1 residual block, FLOPs of the ViT", net="cnn"),
+        Variant("CNN, 2 residual blocks, FLOPs of the ViT", net="cnn", cnn_blocks=2))),
+    "depth_tradeoff": ("at fixed compute, many couplings of depth-1 ViTs are unfavourable", (
+        BASE,
+        Variant("12 couplings x 2 blocks", (("depth", 12), ("block_depth", 2))),
+        Variant("8 couplings x 3 blocks", (("depth", 8), ("block_depth", 3))),
+        Variant("6 couplings x 4 blocks", (("depth", 6), ("block_depth", 4))))),
+    "coupling_kinds": ("mixing channel and spatial couplings beats one kind alone", (
+        BASE,
+        Variant("channel couplings only", (("kinds", "channels"),)),
+        Variant("spatial couplings only, all six patterns",
+                (("kinds", "spatial"), ("spatial_projs", SIX))),
+        Variant("official mix: 4 channel : 1 spatial, all six patterns",
+                (("kinds", OFFICIAL_KINDS), ("spatial_projs", SIX))))),
+    "removed_components": ("ActNorm and invertible dense layers bring Jet no gain", (
+        BASE,
+        Variant("+ ActNorm before each coupling", actnorm=True),
+        Variant("+ invertible dense before each coupling", dense=True),
+        Variant("+ both", actnorm=True, dense=True))),
+    "patch_size": ("patch size sets the token count, hence the cost of every ViT", (
+        Variant("P=8: 16 tokens of 192 dims", (("patch_size", 8),)),
+        BASE,
+        Variant("P=2: 256 tokens of 12 dims (the paper's token count)",
+                (("patch_size", 2),)))),
+}
+# --quick: a seconds-long smoke run of the whole path on train.py's synthetic 16x16 images.
+QUICK = dict(emb_dim=8, num_heads=2, batch_size=8, eval_batch_size=128, log_every=1)
+
+
+def run_flags(v: Variant, quick: bool) -> dict:
+    flags = {"preset": "cpu", **dict(v.flags)}
+    if quick:
+        flags |= QUICK | {"depth": max(1, int(flags.get("depth", 24)) // 6),
+                          "patch_size": min(int(flags.get("patch_size", 4)), 8)}
+    return flags
+
+def config_of(flags: dict, image_shape) -> jet.Config:
+    """The jet.Config train.py builds from these flags and the preset they name."""
+    values = {}
+    for name, kind in train.CONFIG_FLAG_TYPES.items():
+        value = flags.get(name, train.PRESETS[flags["preset"]].get(name))
+        if value is not None:
+            values[name] = kind(value) if isinstance(value, str) else value
+    return jet.Config(image_shape=tuple(image_shape), **values)
+
+
+# ------------------------------------------------------------------------------------------
+# Running: each (variant, seed) is one train.py run for budget / (train FLOPs x batch) steps
+
+def run_key(v: Variant, seed: int, args) -> dict:
+    """What determines a run's result (not its name): runs with equal keys are shared."""
+    return {"flags": run_flags(v, args.quick), "net": v.net, "cnn_blocks": v.cnn_blocks,
+            "actnorm": v.actnorm, "dense": v.dense, "seed": seed, "budget": args.budget,
+            "dataset": args.dataset, "quick": args.quick}
+
+def read_results(path: str) -> dict[str, dict]:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return {r["id"]: r for r in records}
+
+def run_variant(v: Variant, seed: int, args, image_shape) -> dict:
+    """Trains one (variant, seed) with train.main, or returns its stored result."""
+    key = run_key(v, seed, args)
+    run_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    results_path = os.path.join(args.workdir, "results.jsonl")
+    done = read_results(results_path).get(run_id)
+    if done:
+        return done
+    flags = run_flags(v, args.quick)
+    cfg = config_of(flags, image_shape)
+    flops = 3 * forward_flops(cfg, v)  # training step ~ forward + backward (2x forward)
+    batch = int(flags.get("batch_size", train.PRESETS["cpu"]["batch_size"]))
+    steps = 2 if args.quick else max(1, round(args.budget * 1e12 / (flops * batch)))
+    workdir = os.path.join(args.workdir, "runs", run_id)
+    argv = [f"--{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in flags.items()]
+    argv += [f"--dataset={args.dataset}", f"--seed={seed}", f"--steps={steps}",
+             f"--eval_every={steps}", f"--ckpt_every={max(1, steps // 5)}",
+             f"--log_every={flags.get('log_every', max(1, steps // 10))}",
+             f"--workdir={workdir}"]
+    argv += [f"--{k}={getattr(args, k)}" for k in ("data_dir", "data_md5")
+             if getattr(args, k)]
+    print(f"\n=== {v.name} | seed {seed} | {steps} steps of {batch} | "
+          f"{flops * 1e-9:.3f} GFLOP per training image | {workdir}", flush=True)
+    model = make_model(v)
+    start = time.time()
+    out = train.main(argv, model)
+    wall = time.time() - start
+    params = jax.eval_shape(lambda: model["init"](jax.random.key(0), cfg)[0])
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f if "test_bpd" in line][-1]
+    record = {"id": run_id, "variant": v.name, "seed": seed, "params": train.num_params(params),
+              "train_gflop_per_image": flops * 1e-9, "steps": steps, "batch_size": batch,
+              "train_tflop": flops * steps * batch * 1e-12, "wall_s": wall,
+              "test_bpd": out["test_bpd"], "train_eval_bpd": last["train_eval_bpd"], **key}
+    os.makedirs(args.workdir, exist_ok=True)
+    with open(results_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
+
+def table(claim: str, rows: list[tuple[Variant, list[dict]]]) -> str:
+    """Markdown: one row per variant, seeds aggregated (mean, and spread = max - min)."""
+    lines = [f"Claim: {claim}.", "",
+             "| variant | params | train GFLOP/img | steps | train TFLOP | wall/run | "
+             "test bpd per seed | mean | spread | vs first row |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+    first = None
+    for v, runs in rows:
+        bpd = [r["test_bpd"] for r in runs]
+        mean, spread = float(np.mean(bpd)), max(bpd) - min(bpd)
+        if first is None:
+            first, versus = (mean, spread), ""
+        else:
+            delta = mean - first[0]
+            beyond = abs(delta) > max(spread, first[1])
+            versus = f"{delta:+.3f} ({'beyond' if beyond else 'within'} the seed spread)"
+        r = runs[0]
+        lines.append(
+            f"| {v.name} | {r['params']:,} | {r['train_gflop_per_image']:.3f} | {r['steps']} "
+            f"| {r['train_tflop']:.2f} | {np.mean([r['wall_s'] for r in runs]) / 60:.1f} min "
+            f"| {' '.join(f'{b:.3f}' for b in bpd)} | {mean:.3f} | {spread:.3f} | {versus} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--list", action="store_true", help="list the experiments and their variants, then exit")
+    a("--experiment", action="append", choices=sorted(EXPERIMENTS),
+      help="run this experiment (repeatable; default: all of them)")
+    a("--budget", type=float, default=4.0, metavar="TFLOP",
+      help="training TFLOPs per variant and seed (default 4: ~2.5 min each on 2 CPU cores)")
+    a("--seeds", type=int, default=2, help="seeds per variant (default 2)")
+    a("--quick", action="store_true", help="smoke run: 2 steps of tiny models on synthetic "
+      "data (seconds per variant), for the tests")
+    a("--dataset", help="train.py --dataset (default cifar10; synthetic with --quick)")
+    a("--data_dir", help="train.py --data_dir")
+    a("--data_md5", help="train.py --data_md5 (a cifar10 archive you trust)")
+    a("--workdir", default="runs/ablate", help="results.jsonl and one folder per run")
+    args = p.parse_args(argv)
+    args.dataset = args.dataset or ("synthetic" if args.quick else "cifar10")
+    if not (args.budget > 0 and math.isfinite(args.budget)) or args.seeds < 1:
+        p.error(f"--budget must be a positive number and --seeds >= 1, got {args.budget} and "
+                f"{args.seeds}.")
+    return args
+
+
+def main(argv=None) -> dict[str, str]:
+    args = parse_args(argv)
+    names = args.experiment or list(EXPERIMENTS)
+    if args.list:
+        for name in names:
+            claim, variants = EXPERIMENTS[name]
+            print(f"{name}: {claim}")
+            for v in variants:
+                print(f"  - {v.name}")
+        return {}
+    try:
+        image_shape = data.load(args.dataset, args.data_dir, md5=args.data_md5)["test"].shape[1:]
+    except ValueError as e:
+        sys.exit(f"ablate.py: error: {e}")
+    tables, start = {}, time.time()
+    for name in names:
+        claim, variants = EXPERIMENTS[name]
+        rows = [(v, [run_variant(v, seed, args, image_shape) for seed in range(args.seeds)])
+                for v in variants]
+        tables[name] = table(claim, rows)
+        print(f"\n## {name}\n\n{tables[name]}\n", flush=True)
+    print(f"ablate.py: {len(names)} experiment(s) in {train.format_seconds(time.time() - start)}"
+          f" (runs already in {args.workdir}/results.jsonl were not repeated).")
+    for name in names:
+        print(f"\n## {name}\n\n{tables[name]}")
+    return tables
+
+
+if __name__ == "__main__":
+    main()
