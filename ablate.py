@@ -62,12 +62,15 @@ def init_cnn(key, cfg: jet.Config, width: int, blocks: int, dtype=jnp.float32) -
             "out": jet.init_dense(k_out, width, 2 * D, jax.nn.initializers.zeros, dtype=dtype)}
 
 def conv3x3(p, h, grid):
-    """[B, N, W] read as the (H/P, W/P) patch grid -> [B, N, W'], zero ('SAME') padding."""
-    B, N, W = h.shape
-    out = jax.lax.conv_general_dilated(h.reshape(B, *grid, W), p["kernel"], (1, 1), "SAME",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                       precision=HIGHEST)
-    return out.reshape(B, N, -1) + p["bias"][None, None]
+    """[B, N, W] read as the (H/P, W/P) patch grid -> [B, N, W'], zero ('SAME') padding.
+    As one matmul over the 9 shifted copies of h (im2col): on CPUs several times faster than
+    lax.conv for these few channels, and the same FLOPs."""
+    (B, N, W), (nh, nw) = h.shape, grid
+    padded = jnp.pad(h.reshape(B, nh, nw, W), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    shifted = [padded[:, i:i + nh, j:j + nw] for i in range(3) for j in range(3)]
+    patches = jnp.concatenate(shifted, axis=-1).reshape(B, N, 9 * W)  # (i, j, channel) order
+    kernel = p["kernel"].reshape(9 * W, -1)  # HWIO [3, 3, W, W'] in the same order
+    return jet.matmul("bni,io->bno", patches, kernel) + p["bias"][None, None]
 
 def cnn_net(p, x1, index, grid):
     """x1 [B, N, D/2] -> b, s [B, N, D/2], as jet.coupling_net. x1 goes back to its places on
@@ -207,9 +210,10 @@ def flow_forward(params, perms, x, cfg: jet.Config, remat=False, compute_dtype=N
                  v: Variant):
     """x [B, H, W, C] -> z, log|det dz/dx| [B]; jet.forward's signature (for train.py)."""
     _check_dtype(compute_dtype)
-    step = lambda h, layer: layer_forward(*layer, h, cfg, v)  # noqa: E731
-    h, logdets = jax.lax.scan(jax.checkpoint(step) if remat else step,
-                              jet.patchify(x, cfg.patch_size), (params, perms))
+    policies = jax.checkpoint_policies  # as jet.forward: without remat, keep matmul outputs
+    policy = policies.nothing_saveable if remat else policies.dots_with_no_batch_dims_saveable
+    step = jax.checkpoint(lambda h, layer: layer_forward(*layer, h, cfg, v), policy=policy)
+    h, logdets = jax.lax.scan(step, jet.patchify(x, cfg.patch_size), (params, perms))
     return jet.unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
 
 def flow_inverse(params, perms, z, cfg: jet.Config, compute_dtype=None, *, v: Variant):

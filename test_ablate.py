@@ -4,7 +4,6 @@ slogdet of the autodiff Jacobian in float64); the composed flow reduces to jet.f
 counts agree with XLA's; and `ablate.py --quick` runs every experiment through train.py."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
