@@ -442,4 +442,8 @@ def sample(params: dict, perms: jax.Array, key: jax.Array, n: int, cfg: Config,
     dtype = jax.tree.leaves(params)[0].dtype
     z = temperature * jax.random.normal(key, (n, *cfg.image_shape), dtype)
     x, _ = inverse(params, perms, z, cfg, compute_dtype)
+    return quantize(x)
+
+def quantize(x: jax.Array) -> jax.Array:
+    """[-1, 1] -> uint8: the integer whose dequantization cell holds x, clipped to [0, 255]."""
     return jnp.clip(jnp.floor((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)

@@ -532,7 +532,8 @@ def run(args, model=JET) -> dict:
     # Losses since the last log line; kept in checkpoints so a resumed run logs the same means.
     window = [tuple(pair) for pair in (meta or {}).get("log_window", [])]
     best = (meta or {}).get("best_test_bpd", math.inf)
-    test_bpd, timer, prev, last_line, warned = None, None, None, time.time(), False
+    test_bpd = train_eval_bpd = timer = prev = None
+    last_line, warned = time.time(), False
     if step >= total:
         print(f"{args.workdir} has finished its {total} steps; see --eval_only.", flush=True)
     else:
@@ -594,7 +595,7 @@ def run(args, model=JET) -> dict:
             timer, last_line = (time.time(), step), time.time()  # img/s counts training only
         if (step % f["ckpt_every"] == 0 or step == total) and is_main:
             save(ckpt_path)
-    return {"step": step, "test_bpd": test_bpd}
+    return {"step": step, "test_bpd": test_bpd, "train_eval_bpd": train_eval_bpd}
 
 
 def format_seconds(seconds: float) -> str:
