@@ -217,8 +217,11 @@ def matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
                       preferred_element_type=x.dtype)
 
 def dense(p, x):
-    """[B, N, d_in] -> [B, N, d_out]."""
-    return matmul("bni,io->bno", x, p["kernel"]) + p["bias"][None, None, :]
+    """[..., d_in] -> [..., d_out] as one [M, d_in] x [d_in, d_out] matmul over all M leading
+    positions: XLA:CPU then reads the cotangent in place for the weight gradient (a [B, N, d]
+    einsum made it transpose the cotangent first)."""
+    y = matmul("mi,io->mo", x.reshape(-1, x.shape[-1]), p["kernel"]) + p["bias"][None]
+    return y.reshape(*x.shape[:-1], -1)
 
 def init_layer_norm(d, dtype=jnp.float32):
     return {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
@@ -243,8 +246,11 @@ def init_attention(key, emb_dim, num_heads, dtype=jnp.float32):
 
 def attention(p, x):
     """Multi-head self-attention, [B, N, E] -> [B, N, E]; query scaled by head_dim^-1/2."""
+    B, N, E = x.shape
     def heads(q):  # [B, N, E] -> [B, heads, N, head_dim]; heads-major keeps the matmuls fast
-        return matmul("bne,ehd->bhnd", x, p[q]["kernel"]) + p[q]["bias"][None, :, None]
+        w = p[q]["kernel"]  # [E, heads, head_dim]
+        y = dense({"kernel": w.reshape(E, -1), "bias": p[q]["bias"].reshape(-1)}, x)
+        return y.reshape(B, N, *w.shape[1:]).transpose(0, 2, 1, 3)
     q, k, v = heads("query"), heads("key"), heads("value")
     q = q / math.sqrt(q.shape[-1])
     mm = p["out"]["kernel"].dtype  # the matmul dtype
@@ -253,7 +259,8 @@ def attention(p, x):
     # not [B, h, N, N]); the max shift cancels exactly, so it needs no gradient.
     e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
     out = matmul("bhqk,bhkd->bhqd", e, v.astype(mm)) / e.sum(-1, keepdims=True)
-    return matmul("bhqd,hde->bqe", out, p["out"]["kernel"]) + p["out"]["bias"][None, None]
+    out = out.transpose(0, 2, 1, 3).reshape(B, N, E)  # heads side by side again
+    return dense({"kernel": p["out"]["kernel"].reshape(E, E), "bias": p["out"]["bias"]}, out)
 
 def init_mlp(key, emb_dim, mlp_dim, dtype=jnp.float32):
     k1, k2 = jax.random.split(key)
@@ -261,8 +268,10 @@ def init_mlp(key, emb_dim, mlp_dim, dtype=jnp.float32):
             "fc2": init_dense(k2, mlp_dim, emb_dim, _xavier_uniform, 1e-6, dtype)}
 
 def mlp(p, x):
-    """[B, N, E] -> [B, N, mlp_dim] -> [B, N, E], tanh-approximated GELU (flax nn.gelu)."""
-    return dense(p["fc2"], jax.nn.gelu(dense(p["fc1"], x), approximate=True))
+    """[B, N, E] -> [B, N, mlp_dim] -> [B, N, E], tanh-approximated GELU (flax nn.gelu); on
+    [B*N, E] rows, which XLA:CPU differentiates faster than [B, N, E] (same values)."""
+    h = jax.nn.gelu(dense(p["fc1"], x.reshape(-1, x.shape[-1])), approximate=True)
+    return dense(p["fc2"], h).reshape(x.shape)
 
 def init_vit_block(key, cfg: Config, dtype=jnp.float32):
     ka, km = jax.random.split(key)
