@@ -136,10 +136,8 @@ def unpatchify(x: jax.Array, patch_size: int, image_shape: tuple[int, int, int])
 # Splits: which half of the patch grid is x1 and which is x2
 
 def spatial_pattern(proj: str, nh: int, nw: int) -> np.ndarray:
-    """Bool [nh, nw]: True where a token goes to x1 in a spatial coupling.
-
-    checkerboard: (row + col) even; vstripes: col even; hstripes: row even; "-inv" swaps halves.
-    """
+    """Bool [nh, nw], True where a token goes to x1: checkerboard (row + col) even, vstripes col
+    even, hstripes row even; "-inv" swaps the halves."""
     row, col = np.mgrid[:nh, :nw]
     base = {"checkerboard": row + col, "vstripes": col, "hstripes": row}[proj.removesuffix("-inv")]
     return (base % 2 == 0) != proj.endswith("-inv")
@@ -188,12 +186,10 @@ def merge(x1: jax.Array, x2: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take(x, jnp.argsort(index), axis=1).reshape(B, N, 2 * half)
 
 def chain_indices(perms: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Split indices [L, N*D] of L couplings in the order they run -> (first, moves).
-
-    `forward` keeps the flow's state in the split order of the coupling about to run, flat
-    [B, N*D] = x1 then x2. merge_i followed by split_{i+1} is one gather, by
-    moves[i] = argsort(perms[i])[perms[i+1]]; moves[-1] = argsort(perms[-1]) merges the last.
-    """
+    """Split indices [L, N*D] of L couplings, in running order -> (first, moves). `forward` keeps
+    the state flat, [B, N*D] = x1 then x2, in the split order of the coupling about to run:
+    merge_i then split_{i+1} is one gather by moves[i] = argsort(perms[i])[perms[i+1]], and
+    moves[-1] = argsort(perms[-1]) merges the last."""
     inverse = jnp.argsort(perms, axis=1)
     between = jnp.take_along_axis(inverse[:-1], perms[1:], axis=1)
     return perms[0], jnp.concatenate([between, inverse[-1:]], axis=0)
@@ -217,9 +213,8 @@ def matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
                       preferred_element_type=x.dtype)
 
 def dense(p, x):
-    """[..., d_in] -> [..., d_out] as one [M, d_in] x [d_in, d_out] matmul over all M leading
-    positions: XLA:CPU then reads the cotangent in place for the weight gradient (a [B, N, d]
-    einsum made it transpose the cotangent first)."""
+    """[..., d_in] -> [..., d_out] as one [M, d_in] matmul over all leading positions: XLA:CPU
+    then reads the weight gradient's cotangent in place (a [B, N, d] einsum transposed it)."""
     y = matmul("mi,io->mo", x.reshape(-1, x.shape[-1]), p["kernel"]) + p["bias"][None]
     return y.reshape(*x.shape[:-1], -1)
 
@@ -229,7 +224,8 @@ def init_layer_norm(d, dtype=jnp.float32):
 def layer_norm(p, x, eps=1e-6):  # eps: flax nn.LayerNorm default
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"][None, None] + p["bias"][None, None]
+    scale, bias = (p[n].reshape((1,) * (x.ndim - 1) + (-1,)) for n in ("scale", "bias"))
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
 
 def init_attention(key, emb_dim, num_heads, dtype=jnp.float32):
     """Per-head projections shaped as flax MultiHeadDotProductAttention's: [E, heads, E/heads]."""
@@ -268,10 +264,8 @@ def init_mlp(key, emb_dim, mlp_dim, dtype=jnp.float32):
             "fc2": init_dense(k2, mlp_dim, emb_dim, _xavier_uniform, 1e-6, dtype)}
 
 def mlp(p, x):
-    """[B, N, E] -> [B, N, mlp_dim] -> [B, N, E], tanh-approximated GELU (flax nn.gelu); on
-    [B*N, E] rows, which XLA:CPU differentiates faster than [B, N, E] (same values)."""
-    h = jax.nn.gelu(dense(p["fc1"], x.reshape(-1, x.shape[-1])), approximate=True)
-    return dense(p["fc2"], h).reshape(x.shape)
+    """[..., E] -> [..., mlp_dim] -> [..., E], tanh-approximated GELU (flax nn.gelu)."""
+    return dense(p["fc2"], jax.nn.gelu(dense(p["fc1"], x), approximate=True))
 
 def init_vit_block(key, cfg: Config, dtype=jnp.float32):
     ka, km = jax.random.split(key)
@@ -281,9 +275,13 @@ def init_vit_block(key, cfg: Config, dtype=jnp.float32):
             "mlp": init_mlp(km, cfg.emb_dim, cfg.mlp_dim or 4 * cfg.emb_dim, dtype)}
 
 def vit_block(p, x):
-    """Pre-LN transformer block with residuals: x + attn(LN(x)), then + mlp(LN(.))."""
-    x = x + attention(p["attention"], layer_norm(p["ln1"], x))
-    return x + mlp(p["mlp"], layer_norm(p["ln2"], x))
+    """Pre-LN transformer block with residuals, [B, N, E]: x + attn(LN(x)), then + mlp(LN(.)).
+    The residual stream runs as [B*N, E] rows, which XLA:CPU differentiates faster."""
+    B, N, E = x.shape
+    h = x.reshape(B * N, E)
+    h = h + attention(p["attention"], layer_norm(p["ln1"], h).reshape(B, N, E)).reshape(B * N, E)
+    h = h + mlp(p["mlp"], layer_norm(p["ln2"], h))
+    return h.reshape(B, N, E)
 
 
 # ------------------------------------------------------------------------------------------
