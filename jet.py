@@ -368,22 +368,23 @@ def _check_input(x, perms, cfg, name):
 
 def _couplings(affine, params, perms, x, cfg, reverse, policy, compute_dtype):
     """patchify, the couplings in order (reverse: last first), unpatchify. The state is kept
-    flat, [B, N*D], in the split order of the coupling about to run (see chain_indices)."""
+    flat in the split order of the coupling about to run (see chain_indices), as [N*D, B]:
+    each gather then moves rows of B values, and so does its gradient, a scatter."""
     B, N = x.shape[0], cfg.num_tokens
     first, moves = chain_indices(perms[::-1] if reverse else perms)
-    h = jnp.take(patchify(x, cfg.patch_size).reshape(B, -1), first, axis=1)
+    h = jnp.take(patchify(x, cfg.patch_size).reshape(B, -1).T, first, axis=0)
 
     def step(h, layer):  # h = x1 then x2 of this coupling; y1 = x1 is never touched
         p, move = layer
         if compute_dtype:  # bf16 mode: the ViT's weights, hence its matmuls, in compute_dtype
             p = jax.tree.map(lambda a: a.astype(compute_dtype), p)
-        y2, logdet = affine(p, *halves(h, N), cfg.scale_factor)
-        y = jnp.concatenate([h[:, :h.shape[1] // 2], y2.reshape(B, -1)], axis=1)
-        return jnp.take(y, move, axis=1), logdet
+        y2, logdet = affine(p, *halves(h.T, N), cfg.scale_factor)
+        y = jnp.concatenate([h[:h.shape[0] // 2], y2.reshape(B, -1).T], axis=0)
+        return jnp.take(y, move, axis=0), logdet
     step = jax.checkpoint(step, policy=policy)
     h, logdets = jax.lax.scan(step, h, (params, moves[::-1] if reverse else moves),
                               reverse=reverse)  # logdets [depth, B]
-    return unpatchify(h.reshape(B, N, -1), cfg.patch_size, cfg.image_shape), logdets.sum(0)
+    return unpatchify(h.T.reshape(B, N, -1), cfg.patch_size, cfg.image_shape), logdets.sum(0)
 
 def forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config, remat: bool = False,
             compute_dtype=None):
