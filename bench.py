@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
     if args.json:
         print(json.dumps(result), flush=True)
         return result
-    name = f"{args.preset} {overrides}" if overrides else args.preset
+    name = f"{args.preset} preset with {overrides}" if overrides else f"{args.preset} preset"
     print(f"{name}: batch {batch}, {args.dtype} matmuls, {device}, {result['params']:,} params, "
           f"{result['gflop_per_image_forward']:.3f} GFLOP/image forward "
           f"({result['gflop_per_image_train']:.3f} per training image)")

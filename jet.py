@@ -187,7 +187,7 @@ def merge(x1: jax.Array, x2: jax.Array, index: jax.Array) -> jax.Array:
 
 def chain_indices(perms: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Split indices [L, N*D] of L couplings, in running order -> (first, moves). `forward` keeps
-    the state flat, [B, N*D] = x1 then x2, in the split order of the coupling about to run:
+    the state flat (x1 then x2) in the split order of the coupling about to run:
     merge_i then split_{i+1} is one gather by moves[i] = argsort(perms[i])[perms[i+1]], and
     moves[-1] = argsort(perms[-1]) merges the last."""
     inverse = jnp.argsort(perms, axis=1)
