@@ -70,7 +70,7 @@ def conv3x3(p, h, grid):
     shifted = [padded[:, i:i + nh, j:j + nw] for i in range(3) for j in range(3)]
     patches = jnp.concatenate(shifted, axis=-1).reshape(B, N, 9 * W)  # (i, j, channel) order
     kernel = p["kernel"].reshape(9 * W, -1)  # HWIO [3, 3, W, W'] in the same order
-    return jet.matmul("bni,io->bno", patches, kernel) + p["bias"][None, None]
+    return jet.dense({"kernel": kernel, "bias": p["bias"]}, patches)
 
 def cnn_net(p, x1, index, grid):
     """x1 [B, N, D/2] -> b, s [B, N, D/2], as jet.coupling_net. x1 goes back to its places on
@@ -210,9 +210,8 @@ def flow_forward(params, perms, x, cfg: jet.Config, remat=False, compute_dtype=N
                  v: Variant):
     """x [B, H, W, C] -> z, log|det dz/dx| [B]; jet.forward's signature (for train.py)."""
     _check_dtype(compute_dtype)
-    policies = jax.checkpoint_policies  # as jet.forward: without remat, keep matmul outputs
-    policy = policies.nothing_saveable if remat else policies.dots_with_no_batch_dims_saveable
-    step = jax.checkpoint(lambda h, layer: layer_forward(*layer, h, cfg, v), policy=policy)
+    step = jax.checkpoint(lambda h, layer: layer_forward(*layer, h, cfg, v),
+                          policy=jet.remat_policy(remat))  # as jet.forward
     h, logdets = jax.lax.scan(step, jet.patchify(x, cfg.patch_size), (params, perms))
     return jet.unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
 

@@ -366,7 +366,13 @@ def _check_input(x, perms, cfg, name):
         raise ValueError(f"perms has shape {tuple(perms.shape)} but this Config needs "
                          f"{expected}; were they made for another Config?")
 
-def _couplings(affine, params, perms, x, cfg, reverse, policy, compute_dtype):
+def remat_policy(remat: bool):
+    """What backprop keeps of each coupling: remat=True only its input, recomputing its ViT (as
+    big_vision does); remat=False also the ViT's matmul outputs (the cheap rest is recomputed)."""
+    policies = jax.checkpoint_policies
+    return policies.nothing_saveable if remat else policies.dots_with_no_batch_dims_saveable
+
+def _couplings(affine, params, perms, x, cfg, reverse, remat, compute_dtype):
     """patchify, the couplings in order (reverse: last first), unpatchify. The state is kept
     flat in the split order of the coupling about to run (see chain_indices), as [N*D, B]:
     each gather then moves rows of B values, and so does its gradient, a scatter."""
@@ -381,30 +387,23 @@ def _couplings(affine, params, perms, x, cfg, reverse, policy, compute_dtype):
         y2, logdet = affine(p, *halves(h.T, N), cfg.scale_factor)
         y = jnp.concatenate([h[:h.shape[0] // 2], y2.reshape(B, -1).T], axis=0)
         return jnp.take(y, move, axis=0), logdet
-    step = jax.checkpoint(step, policy=policy)
+    step = jax.checkpoint(step, policy=remat_policy(remat))
     h, logdets = jax.lax.scan(step, h, (params, moves[::-1] if reverse else moves),
                               reverse=reverse)  # logdets [depth, B]
     return unpatchify(h.T.reshape(B, N, -1), cfg.patch_size, cfg.image_shape), logdets.sum(0)
 
 def forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config, remat: bool = False,
             compute_dtype=None):
-    """x [B, H, W, C] in [-1, 1] -> z [B, H, W, C], log|det dz/dx| [B].
-
-    remat=True keeps only each coupling's input for backprop and recomputes its ViT (as
-    big_vision does); remat=False keeps the ViT's matmul outputs and recomputes only the cheap
-    operations between them. compute_dtype=jnp.bfloat16 runs the ViT matmuls in bfloat16; the
-    coupling arithmetic and log-det stay in the parameters' dtype, so f stays invertible.
-    """
+    """x [B, H, W, C] in [-1, 1] -> z [B, H, W, C], log|det dz/dx| [B]. remat: see
+    remat_policy. compute_dtype=jnp.bfloat16 runs the ViT matmuls in bfloat16; the coupling
+    arithmetic and log-det stay in the parameters' dtype, so f stays invertible."""
     _check_input(x, perms, cfg, "x")
-    policies = jax.checkpoint_policies
-    policy = policies.nothing_saveable if remat else policies.dots_with_no_batch_dims_saveable
-    return _couplings(affine_forward, params, perms, x, cfg, False, policy, compute_dtype)
+    return _couplings(affine_forward, params, perms, x, cfg, False, remat, compute_dtype)
 
 def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config, compute_dtype=None):
     """z [B, H, W, C] -> x [B, H, W, C], log|det dx/dz| [B]; couplings in reverse order."""
     _check_input(z, perms, cfg, "z")
-    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return _couplings(affine_inverse, params, perms, z, cfg, True, policy, compute_dtype)
+    return _couplings(affine_inverse, params, perms, z, cfg, True, False, compute_dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -442,11 +441,8 @@ def bits_per_dim(z: jax.Array, logdet: jax.Array) -> jax.Array:
 
 def sample(params: dict, perms: jax.Array, key: jax.Array, n: int, cfg: Config,
            temperature: float = 1.0, compute_dtype=None) -> jax.Array:
-    """n images, uint8 [n, H, W, C]: z ~ N(0, T^2 I), x = f^-1(z) in one parallel pass.
-
-    x is mapped back to the integer whose dequantization cell contains it,
-    q = floor((x + 1) * 127.5), then clipped to [0, 255] (flows put some mass outside [-1, 1]).
-    """
+    """n images, uint8 [n, H, W, C]: z ~ N(0, T^2 I), x = f^-1(z) in one parallel pass, then
+    `quantize`d (clipped: flows put some mass outside [-1, 1])."""
     dtype = jax.tree.leaves(params)[0].dtype
     z = temperature * jax.random.normal(key, (n, *cfg.image_shape), dtype)
     x, _ = inverse(params, perms, z, cfg, compute_dtype)
