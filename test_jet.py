@@ -284,13 +284,16 @@ def test_identity_at_init():
 
 @given(configs(), st.integers(0, 2 ** 31 - 1))
 def test_examples_are_independent_of_their_batch(cfg, seed):
-    """An example's z and logdet do not depend on the other examples in its batch."""
+    """An example's z and logdet do not depend on the other examples in its batch, up to float32
+    rounding (matmul kernels block a batch of 1 and of 3 differently), which each coupling adds
+    to and scales: 2e-5 per coupling relative to the largest value (worst seen: 2.7e-6)."""
     params, perms = random_params(cfg, seed)
     x = images(jax.random.key(seed), cfg, batch=3)
     z, logdet = forward(params, perms, x, cfg)
     for i in range(3):
         zi, logdet_i = forward(params, perms, x[i:i + 1], cfg)
-        np.testing.assert_allclose(zi[0], z[i], rtol=1e-5, atol=1e-5)
+        bound = 2e-5 * cfg.depth * max(1.0, float(jnp.abs(z[i]).max()))
+        np.testing.assert_allclose(zi[0], z[i], rtol=0, atol=bound)
         np.testing.assert_allclose(logdet_i[0], logdet[i], rtol=1e-5, atol=1e-4)
 
 
@@ -420,7 +423,7 @@ def test_golden_files_cover_every_projection():
 
 def official_masks(cfg, rng):
     """One-hot masks by big_vision's own formulas (flat-index stripes and checkerboard)."""
-    N, D, (nh, nw) = cfg.num_tokens, cfg.token_dim, cfg.grid
+    N, D, nw = cfg.num_tokens, cfg.token_dim, cfg.grid[1]
     c, s = np.zeros((cfg.depth, D, D)), np.zeros((cfg.depth, N, N))
     for i, (kind, proj) in enumerate(cfg.couplings()):
         if kind == "channels":
