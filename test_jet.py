@@ -4,6 +4,7 @@ Run: pytest -q  (conftest.py makes silent rank promotion an error and configures
 """
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -165,6 +166,44 @@ def test_spatial_split_reads_whole_patches_as_two_tokens():
     np.testing.assert_array_equal(x1[0], [[0, 1], [2, 3], [12, 13], [14, 15]])
     np.testing.assert_array_equal(x2[0], [[4, 5], [6, 7], [8, 9], [10, 11]])
     np.testing.assert_array_equal(jet.merge(x1, x2, perms[0]), x)
+
+
+# ------------------------------------------------------------------------------------------
+# ViT pieces
+
+
+def plain_standardize(x, eps):
+    """LayerNorm's normalisation as written in the paper's ViT, left to autodiff."""
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(jnp.square(x - mean).mean(-1, keepdims=True) + eps)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def derivatives(standardize, eps, x, t, c):
+    """Value, JVP along t, VJP of c, and Hessian of sum(c * sin(standardize(x)))."""
+    f = functools.partial(standardize, eps=eps)
+    return (*jax.jvp(f, (x,), (t,)), jax.vjp(f, x)[1](c)[0],
+            jax.hessian(lambda v: jnp.sum(c * jnp.sin(f(v))))(x))
+
+
+@given(st.integers(1, 3), st.integers(1, 9), st.floats(-3, 3), st.floats(1e-6, 1e3),
+       st.sampled_from([1e-6, 1e-2]), st.integers(0, 2 ** 31 - 1))
+def test_standardize_closed_form_derivative_is_autodiffs(x64, rows, width, offset, spread,
+                                                          eps, seed):
+    """jet.standardize's hand-written JVP (and so its transpose, the backward) equals autodiff of
+    the plain formula, first and second order, in float64, for rows from near-constant (where
+    eps dominates) to wide; the values equal the plain formula's."""
+    kx, kt, kc = jax.random.split(jax.random.key(seed), 3)
+    x = offset + spread * jax.random.normal(kx, (rows, width), jnp.float64)
+    t, c = (jax.random.normal(k, x.shape, jnp.float64) for k in (kt, kc))
+    got = derivatives(jet.standardize, eps, x, t, c)
+    want = derivatives(plain_standardize, eps, x, t, c)
+    # Terms of the order-k derivative are of size (1/std)^k |t|: the tolerance scales with them
+    # (width 2 cancels them to ~1e-8 exactly).
+    r = float(jnp.max(jax.lax.rsqrt(jnp.var(x, axis=-1) + eps)))
+    size = float(jnp.maximum(jnp.abs(t).max(), jnp.abs(c).max()))
+    for order, g, w in zip((0, 1, 1, 2), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12 * max(1.0, r) ** order * size)
 
 
 # ------------------------------------------------------------------------------------------
