@@ -224,11 +224,11 @@ def standardize(x, eps):
 
 @standardize.defjvp
 def _standardize_jvp(eps, primals, tangents):
-    """dxhat = (dx - mean(dx) - xhat mean(xhat dx)) / std: autodiff's derivative, in closed form.
-    Its transpose is a shorter backward, which XLA:CPU fuses better (block depth 3: -10%)."""
-    (x,), (dx,) = primals, tangents
-    xhat, r = _standardize(x, eps)
-    return xhat, r * (dx - dx.mean(-1, keepdims=True) - xhat * (xhat * dx).mean(-1, keepdims=True))
+    """dxhat = (dx - mean(dx) - xhat mean(xhat dx)) / std, autodiff's derivative in closed form:
+    its transpose, the backward, is shorter, and XLA:CPU fuses it better (block depth 3: -10%)."""
+    xhat, r = _standardize(primals[0], eps)
+    dx = tangents[0] - tangents[0].mean(-1, keepdims=True)  # centred first: faster on XLA:CPU
+    return xhat, r * (dx - xhat * (xhat * dx).mean(-1, keepdims=True))
 
 def layer_norm(p, x, eps=1e-6):  # eps: flax nn.LayerNorm default
     scale, bias = (p[n].reshape((1,) * (x.ndim - 1) + (-1,)) for n in ("scale", "bias"))
