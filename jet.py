@@ -148,22 +148,24 @@ def spatial_split_index(tokens: jax.Array, token_dim: int) -> jax.Array:
 
 def init_perms(key: jax.Array, cfg: Config) -> jax.Array:
     """int32 [depth, N*D]: row i is the split index of coupling i. Fixed, never trained."""
-    nh, nw = cfg.grid
     rows = []
     for i, (kind, proj) in enumerate(cfg.couplings()):
         if kind == "channels":  # proj == "random"
             perm = jax.random.permutation(jax.random.fold_in(key, i), cfg.token_dim)
             rows.append(channel_split_index(perm, cfg.num_tokens))
         else:
-            mask = spatial_pattern(proj, nh, nw).reshape(-1)
+            mask = spatial_pattern(proj, *cfg.grid).reshape(-1)
             tokens = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
             rows.append(spatial_split_index(jnp.asarray(tokens), cfg.token_dim))
     return jnp.stack(rows).astype(jnp.int32)
 
 def halves(x: jax.Array, num_tokens: int) -> tuple[jax.Array, jax.Array]:
     """[B, N*D] in a coupling's split order -> x1, x2, each [B, N, D/2]."""
-    x1, x2 = jnp.split(x, 2, axis=1)
-    return x1.reshape(x.shape[0], num_tokens, -1), x2.reshape(x.shape[0], num_tokens, -1)
+    return tuple(h.reshape(x.shape[0], num_tokens, -1) for h in jnp.split(x, 2, axis=1))
+
+def inverse_permutation(index: jax.Array) -> jax.Array:
+    """argsort of a permutation [n], as a scatter: exact, and no sort (ms per XLA:CPU step)."""
+    return jnp.zeros_like(index).at[index].set(jnp.arange(index.shape[0], dtype=index.dtype))
 
 def split(x: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[B, N, D] -> x1, x2, each [B, N, D/2], by one exact gather."""
@@ -171,19 +173,17 @@ def split(x: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
     return halves(jnp.take(x.reshape(B, N * D), index, axis=1), N)
 
 def merge(x1: jax.Array, x2: jax.Array, index: jax.Array) -> jax.Array:
-    """x1, x2 [B, N, D/2] -> [B, N, D]; the exact inverse of `split` (gather by argsort)."""
+    """x1, x2 [B, N, D/2] -> [B, N, D]; the exact inverse of `split`."""
     B, N, half = x1.shape
     x = jnp.concatenate([x1.reshape(B, N * half), x2.reshape(B, N * half)], axis=1)
-    return jnp.take(x, jnp.argsort(index), axis=1).reshape(B, N, 2 * half)
+    return jnp.take(x, inverse_permutation(index), axis=1).reshape(B, N, 2 * half)
 
 def chain_indices(perms: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Split indices [L, N*D] of L couplings, in running order -> (first, moves). `forward` keeps
     the state flat (x1 then x2) in the split order of the coupling about to run:
     merge_i then split_{i+1} is one gather by moves[i] = argsort(perms[i])[perms[i+1]], and
     moves[-1] = argsort(perms[-1]) merges the last."""
-    L, n = perms.shape  # argsort of permutations as a scatter: exact, and a sort costs ms on CPU
-    iota = jnp.broadcast_to(jnp.arange(n, dtype=perms.dtype), perms.shape)
-    inverse = jnp.zeros_like(perms).at[jnp.arange(L)[:, None], perms].set(iota)
+    inverse = jax.vmap(inverse_permutation)(perms)
     between = jnp.take_along_axis(inverse[:-1], perms[1:], axis=1)
     return perms[0], jnp.concatenate([between, inverse[-1:]], axis=0)
 
