@@ -61,6 +61,7 @@ def init_cnn(key, cfg: jet.Config, width: int, blocks: int, dtype=jnp.float32) -
             "norm": jet.init_layer_norm(width, dtype),
             "out": jet.init_dense(k_out, width, 2 * D, jax.nn.initializers.zeros, dtype=dtype)}
 
+
 def conv3x3(p, h, grid):
     """[B, N, W] read as the (H/P, W/P) patch grid -> [B, N, W'], zero ('SAME') padding.
     As one matmul over the 9 shifted copies of h (im2col): on CPUs several times faster than
@@ -71,6 +72,7 @@ def conv3x3(p, h, grid):
     patches = jnp.concatenate(shifted, axis=-1).reshape(B, N, 9 * W)  # (i, j, channel) order
     kernel = p["kernel"].reshape(9 * W, -1)  # HWIO [3, 3, W, W'] in the same order
     return jet.dense({"kernel": kernel, "bias": p["bias"]}, patches)
+
 
 def cnn_net(p, x1, index, grid):
     """x1 [B, N, D/2] -> b, s [B, N, D/2], as jet.coupling_net. x1 goes back to its places on
@@ -88,10 +90,12 @@ def cnn_net(p, x1, index, grid):
     b, s = jnp.split(out, 2, axis=-1)  # each [B, N, D], one value per place on the grid
     return jet.split(b, index)[1], jet.split(s, index)[1]  # x2's places: [B, N, D/2]
 
+
 def cnn_flops(cfg: jet.Config, width: int, blocks: int) -> int:
     """Forward FLOPs (2x multiply-adds) of one coupling's CNN on one image."""
     N, D = cfg.num_tokens, cfg.token_dim
     return 2 * N * (2 * D * width + blocks * 2 * 9 * width * width + width * 2 * D)
+
 
 def cnn_width(cfg: jet.Config, blocks: int) -> int:
     """The width whose CNN costs closest to the ViT it replaces (FLOPs per coupling)."""
@@ -106,6 +110,7 @@ def init_actnorm(cfg: jet.Config, dtype=jnp.float32) -> dict:
     D = cfg.token_dim
     return {"bias": jnp.zeros((D,), dtype), "log_scale": jnp.zeros((D,), dtype)}
 
+
 def actnorm_forward(p, h):
     """Glow's ActNorm: y = (h + bias) * exp(log_scale), one pair per token dim (shared by the N
     tokens, as Glow shares it over pixels); log|det| = N * sum(log_scale)."""
@@ -113,20 +118,24 @@ def actnorm_forward(p, h):
     y = (h + p["bias"][None, None]) * jnp.exp(p["log_scale"])[None, None]
     return y, jnp.full((B,), N * p["log_scale"].sum())
 
+
 def actnorm_inverse(p, y):
     B, N, _ = y.shape
     h = y * jnp.exp(-p["log_scale"])[None, None] - p["bias"][None, None]
     return h, jnp.full((B,), -N * p["log_scale"].sum())
+
 
 def actnorm_data_init(h) -> dict:
     """Glow's data-dependent init: the ActNorm's output on batch h [B, N, D] has zero mean and
     unit variance in every dim."""
     return {"bias": -h.mean((0, 1)), "log_scale": -jnp.log(h.std((0, 1)) + 1e-6)}
 
+
 def init_token_dense(key, cfg: jet.Config, dtype=jnp.float32) -> dict:
     """A random rotation of the D dims: invertible, log|det| = 0 at init."""
     D = cfg.token_dim
     return {"kernel": jax.nn.initializers.orthogonal()(key, (D, D), dtype)}
+
 
 def token_dense_forward(p, h):
     """Invertible dense layer over each token's D values (Glow's 1x1 convolution on patches):
@@ -134,6 +143,7 @@ def token_dense_forward(p, h):
     N = h.shape[1]
     y = jnp.einsum("bnd,de->bne", h, p["kernel"], precision=HIGHEST)
     return y, jnp.full((h.shape[0],), N * jnp.linalg.slogdet(p["kernel"])[1])
+
 
 def token_dense_inverse(p, y):
     N = y.shape[1]
@@ -159,10 +169,12 @@ class Variant:
     def is_jet(self) -> bool:
         return self.net == "vit" and not (self.actnorm or self.dense)
 
+
 def coupling_network(v: Variant, cfg: jet.Config, index):
     if v.net == "vit":
         return jet.coupling_net
     return functools.partial(cnn_net, index=index, grid=cfg.grid)
+
 
 def init_flow(key, cfg: jet.Config, v: Variant) -> tuple[dict, jax.Array]:
     """Params with a leading [depth] axis, as jet.init's, and jet's split indices."""
@@ -181,9 +193,11 @@ def init_flow(key, cfg: jet.Config, v: Variant) -> tuple[dict, jax.Array]:
         params["dense"] = jax.vmap(lambda k: init_token_dense(k, cfg))(dense_keys)
     return params, jet.init_perms(k_perms, cfg)
 
+
 def _check_dtype(compute_dtype):
     if compute_dtype is not None:
         raise ValueError("ablation variants run in float32 only; drop --dtype.")
+
 
 def layer_forward(p, index, h, cfg: jet.Config, v: Variant):
     """[ActNorm] -> [dense] -> coupling on h [B, N, D]; returns y, log|det| [B]."""
@@ -196,6 +210,7 @@ def layer_forward(p, index, h, cfg: jet.Config, v: Variant):
                                  coupling_network(v, cfg, index))
     return y, logdet + ld
 
+
 def layer_inverse(p, index, y, cfg: jet.Config, v: Variant):
     """The exact inverse of layer_forward, in reverse order."""
     h, logdet = jet.coupling_inverse(p["coupling"], index, y, cfg.scale_factor,
@@ -206,21 +221,21 @@ def layer_inverse(p, index, y, cfg: jet.Config, v: Variant):
             logdet = logdet + ld
     return h, logdet
 
+
 def flow_forward(params, perms, x, cfg: jet.Config, remat=False, compute_dtype=None, *,
                  v: Variant):
-    """x [B, H, W, C] -> z, log|det dz/dx| [B]; jet.forward's signature (for train.py)."""
+    """x [B, H, W, C] -> z, log|det dz/dx| [B]: jet's plain flow with layer_forward as each
+    coupling; jet.forward's signature (for train.py)."""
     _check_dtype(compute_dtype)
-    step = jax.checkpoint(lambda h, layer: layer_forward(*layer, h, cfg, v),
-                          policy=jet.remat_policy(remat))  # as jet.forward
-    h, logdets = jax.lax.scan(step, jet.patchify(x, cfg.patch_size), (params, perms))
-    return jet.unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
+    return jet.plain_forward(params, perms, x, cfg, remat=remat,
+                             coupling=lambda p, index, h, k: layer_forward(p, index, h, cfg, v))
+
 
 def flow_inverse(params, perms, z, cfg: jet.Config, compute_dtype=None, *, v: Variant):
     _check_dtype(compute_dtype)
-    step = lambda h, layer: layer_inverse(*layer, h, cfg, v)  # noqa: E731
-    h, logdets = jax.lax.scan(step, jet.patchify(z, cfg.patch_size), (params, perms),
-                              reverse=True)
-    return jet.unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
+    return jet.plain_inverse(params, perms, z, cfg,
+                             coupling=lambda p, index, y, k: layer_inverse(p, index, y, cfg, v))
+
 
 def flow_sample(params, perms, key, n, cfg: jet.Config, temperature=1.0, compute_dtype=None,
                 *, v: Variant):
@@ -228,6 +243,7 @@ def flow_sample(params, perms, key, n, cfg: jet.Config, temperature=1.0, compute
     z = temperature * jax.random.normal(key, (n, *cfg.image_shape))
     x, _ = flow_inverse(params, perms, z, cfg, compute_dtype, v=v)
     return jet.quantize(x)
+
 
 def flow_data_init(params, perms, x, cfg: jet.Config, *, v: Variant) -> dict:
     """Each ActNorm initialised from the batch x as it arrives there, in flow order (Glow)."""
@@ -238,6 +254,7 @@ def flow_data_init(params, perms, x, cfg: jet.Config, *, v: Variant) -> dict:
         params["actnorm"] = jax.tree.map(lambda a, b: a.at[i].set(b), params["actnorm"], init)
         h = layer(jax.tree.map(lambda a: a[i], params), perms[i], h)
     return params
+
 
 def make_model(v: Variant) -> dict:
     """What train.main trains for this variant: jet itself, or the flow above."""
@@ -251,6 +268,7 @@ def make_model(v: Variant) -> dict:
     if v.actnorm:
         model["data_init"] = functools.partial(flow_data_init, v=v)
     return model
+
 
 def forward_flops(cfg: jet.Config, v: Variant) -> int:
     """Forward FLOPs per image: coupling networks, plus the dense layers' matmuls."""
@@ -306,6 +324,7 @@ def run_flags(v: Variant, quick: bool) -> dict:
                           "patch_size": min(int(flags.get("patch_size", 4)), 8)}
     return flags
 
+
 def config_of(flags: dict, image_shape) -> jet.Config:
     """The jet.Config train.py builds from these flags and the preset they name."""
     values = {}
@@ -325,12 +344,14 @@ def run_key(v: Variant, seed: int, args) -> dict:
             "actnorm": v.actnorm, "dense": v.dense, "seed": seed, "budget": args.budget,
             "dataset": args.dataset, "quick": args.quick}
 
+
 def read_results(path: str) -> dict[str, dict]:
     if not os.path.exists(path):
         return {}
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     return {r["id"]: r for r in records}
+
 
 def run_variant(v: Variant, seed: int, args, image_shape) -> dict:
     """Trains one (variant, seed) with train.main, or returns its stored result."""
@@ -368,6 +389,7 @@ def run_variant(v: Variant, seed: int, args, image_shape) -> dict:
     with open(results_path, "a") as f:
         f.write(json.dumps(record) + "\n")
     return record
+
 
 def table(claim: str, rows: list[tuple[Variant, list[dict]]]) -> str:
     """Markdown: one row per variant, seeds aggregated (mean, and spread = max - min)."""

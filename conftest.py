@@ -1,10 +1,24 @@
-"""Test-wide settings: silent rank promotion is an error, and hypothesis is fast and stable."""
+"""Test-wide settings (silent rank promotion is an error; hypothesis fast and stable) and the
+helpers several test files share: strategies of valid Configs, random parameters, files in the
+real CIFAR-10 layout and a local HTTP server."""
 
+import contextlib
+import functools
+import hashlib
+import http.server
+import io
 import os
+import tarfile
+import threading
 
+import hypothesis.strategies as st
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+
+import jet
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -22,3 +36,115 @@ def x64():
     """Runs a test with float64 enabled (and restores the default afterwards)."""
     with jax.enable_x64(True):
         yield
+
+
+# ------------------------------------------------------------------------------------------
+# The model: configurations, parameters and inputs
+
+ROUND_TRIP_BOUND = 5e-5  # per coupling, relative to max(1, largest value): 10x the worst
+# of 150 random configurations (python test_jet.py prints it for 40)
+
+
+@st.composite
+def configs(draw, even_grid=False, max_depth=4):
+    """Small valid Configs covering every kind, projection, patch size and channel count."""
+    C = draw(st.integers(1, 3))
+    P = draw(st.sampled_from([p for p in (1, 2, 3, 4) if p * p * C % 2 == 0]))
+    nh, nw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    if even_grid:
+        nh, nw = 2 * nh, 2 * nw
+    balanced = [p for p in jet.SPATIAL_PROJS
+                if {"c": nh * nw, "h": nh, "v": nw}[p[0]] % 2 == 0]
+    kinds = draw(st.lists(st.sampled_from(jet.KINDS if balanced else ["channels"]),
+                          min_size=1, max_size=3))
+    heads = draw(st.sampled_from([1, 2]))
+    return jet.Config(
+        image_shape=(P * nh, P * nw, C), patch_size=P,
+        depth=draw(st.integers(1, max_depth)), block_depth=draw(st.integers(1, 2)),
+        emb_dim=heads * draw(st.sampled_from([4, 8])), num_heads=heads,
+        mlp_dim=draw(st.sampled_from([None, 12])),
+        scale_factor=draw(st.floats(0.5, 4.0)), kinds=tuple(kinds),
+        spatial_projs=tuple(draw(st.lists(st.sampled_from(balanced or ["checkerboard"]),
+                                          min_size=1, max_size=4))))
+
+
+def random_params(cfg, seed, dtype=np.float32):
+    """Parameters with every leaf random, the zero-initialised output layers included, so that
+    every coupling really moves its input (at init the flow is the identity and proves nothing).
+
+    Built with NumPy on the shapes of jet.init: compiling init's random initialisers for every
+    drawn configuration would dominate the test time."""
+    shapes = jax.eval_shape(lambda: jet.init(jax.random.key(0), cfg)[0])
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, shape):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:  # layer norm
+            value = 1 + 0.1 * rng.normal(size=shape.shape)
+        elif "kernel" in name:  # attention kernels are [E, heads, head_dim] or [heads, head_dim, E]
+            fan_in = cfg.emb_dim if "attention" in name else shape.shape[-2]
+            value = rng.normal(size=shape.shape) / np.sqrt(fan_in)
+        else:
+            value = 0.3 * rng.normal(size=shape.shape)
+        return jnp.asarray(value, dtype)
+    params = jax.tree_util.tree_map_with_path(leaf, shapes)
+    return params, jet.init_perms(jax.random.key(seed), cfg)
+
+
+def images(key, cfg, batch=2, dtype=jnp.float32):
+    return jax.random.uniform(key, (batch, *cfg.image_shape), dtype, -1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Data: CIFAR-10 archives in the real layout, served from 127.0.0.1
+
+CIFAR_NAMES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+
+
+def cifar_bytes(index: int, n: int = 10) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """n records of file `index` in the CIFAR-10 binary layout; also the expected HWC images."""
+    rng = np.random.default_rng(index)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = (np.arange(n) + index) % 10
+    records = [bytes([label]) + image.transpose(2, 0, 1).tobytes()  # R plane, G plane, B plane
+               for label, image in zip(labels, images)]
+    return b"".join(records), images, labels
+
+
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes = b"", **fields) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def make_cifar_tar(path, n: int = 10, drop=(), cut=None, extra=()) -> str:
+    """Writes a CIFAR-10 binary archive and returns its md5; `cut` = (name, bytes to remove)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for i, name in enumerate(CIFAR_NAMES):
+            payload = cifar_bytes(i, n)[0]
+            if cut and cut[0] == name:
+                payload = payload[:-cut[1]]
+            if name not in drop:
+                add_member(tar, f"cifar-10-batches-bin/{name}", payload)
+        add_member(tar, "cifar-10-batches-bin/batches.meta.txt", b"airplane\n")
+        for name, fields in extra:
+            add_member(tar, name, b"evil", **fields)
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+@contextlib.contextmanager
+def serve(directory):
+    """An HTTP server for `directory` on 127.0.0.1, ephemeral port, in a thread."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

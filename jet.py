@@ -17,6 +17,8 @@ Notation (used in every comment and name below):
 The flow z = f(x) patchifies x and applies `depth` couplings; z ~ N(0, I).
 Every coupling sees N tokens of width D/2 (x1) and predicts N tokens of width D (b and s),
 whatever its kind, so all couplings share shapes and run under one `jax.lax.scan`.
+`plain_forward` / `plain_inverse` are the flow as the paper writes it; `forward` / `inverse`
+compute the same map faster (one gather per coupling instead of two) and are what training uses.
 """
 
 import dataclasses
@@ -32,6 +34,7 @@ KINDS = ("channels", "spatial")
 CHANNEL_PROJS = ("random",)
 SPATIAL_PROJS = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv",
                  "hstripes", "hstripes-inv")
+
 
 # ---- Config ------------------------------------------------------------------------------
 
@@ -74,11 +77,14 @@ class Config:
         return tuple((kind, next(cp) if kind == "channels" else next(sp))
                      for kind in itertools.islice(kinds, self.depth))
 
+
 def _validate(cfg: Config) -> None:
     """Raises ValueError naming the field to change; run once, at construction."""
     def fail(msg):
         raise ValueError(f"Invalid jet.Config: {msg}")
-    positive = lambda v: isinstance(v, int) and v > 0  # noqa: E731
+
+    def positive(v):
+        return isinstance(v, int) and v > 0
     if len(cfg.image_shape) != 3 or not all(map(positive, cfg.image_shape)):
         fail(f"image_shape must be three positive ints (H, W, C), got {cfg.image_shape}.")
     for name in ("patch_size", "depth", "block_depth", "emb_dim", "num_heads", "mlp_dim"):
@@ -110,6 +116,7 @@ def _validate(cfg: Config) -> None:
                  f"{nh * nw - n1} tokens, not two equal halves; it needs an even number of "
                  f"{needs}. Change image_shape or patch_size, or drop it from spatial_projs.")
 
+
 # ---- Patches: "b (h P) (w P) c -> b (h w) (P P c)" ---------------------------------------
 
 def patchify(x: jax.Array, patch_size: int) -> jax.Array:
@@ -118,11 +125,13 @@ def patchify(x: jax.Array, patch_size: int) -> jax.Array:
     x = x.reshape(B, H // P, P, W // P, P, C)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(B, (H // P) * (W // P), P * P * C)
 
+
 def unpatchify(x: jax.Array, patch_size: int, image_shape: tuple[int, int, int]) -> jax.Array:
     """[B, N, D] -> [B, H, W, C]; the exact inverse of `patchify` (non-square images too)."""
     (H, W, C), P = image_shape, patch_size
     x = x.reshape(x.shape[0], H // P, W // P, P, P, C)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape[0], H, W, C)
+
 
 # ---- Splits: which half of the patch grid is x1 and which is x2 --------------------------
 
@@ -133,6 +142,7 @@ def spatial_pattern(proj: str, nh: int, nw: int) -> np.ndarray:
     base = {"checkerboard": row + col, "vstripes": col, "hstripes": row}[proj.removesuffix("-inv")]
     return (base % 2 == 0) != proj.endswith("-inv")
 
+
 def channel_split_index(perm: jax.Array, num_tokens: int) -> jax.Array:
     """Index [N*D] into the flat [N, D] patch grid: x1 = dims perm[:D/2] of every token laid out
     [N, D/2], then x2 = dims perm[D/2:] likewise."""
@@ -140,11 +150,13 @@ def channel_split_index(perm: jax.Array, num_tokens: int) -> jax.Array:
     index = jnp.arange(num_tokens)[:, None] * D + perm[None, :]  # [N, D], dims in perm order
     return index.reshape(num_tokens, 2, D // 2).transpose(1, 0, 2).reshape(-1)
 
+
 def spatial_split_index(tokens: jax.Array, token_dim: int) -> jax.Array:
     """Index [N*D]: x1 = whole tokens tokens[:N/2], x2 = tokens[N/2:]. As in big_vision, each
     token of width D is read as two consecutive tokens of width D/2, so x1 and x2 are [N, D/2]
     exactly as in a channel coupling."""
     return (tokens[:, None] * token_dim + jnp.arange(token_dim)[None, :]).reshape(-1)
+
 
 def init_perms(key: jax.Array, cfg: Config) -> jax.Array:
     """int32 [depth, N*D]: row i is the split index of coupling i. Fixed, never trained."""
@@ -159,18 +171,22 @@ def init_perms(key: jax.Array, cfg: Config) -> jax.Array:
             rows.append(spatial_split_index(jnp.asarray(tokens), cfg.token_dim))
     return jnp.stack(rows).astype(jnp.int32)
 
+
 def halves(x: jax.Array, num_tokens: int) -> tuple[jax.Array, jax.Array]:
     """[B, N*D] in a coupling's split order -> x1, x2, each [B, N, D/2]."""
     return tuple(h.reshape(x.shape[0], num_tokens, -1) for h in jnp.split(x, 2, axis=1))
 
+
 def inverse_permutation(index: jax.Array) -> jax.Array:
-    """argsort of a permutation [n], as a scatter: exact, and no sort (ms per XLA:CPU step)."""
+    """argsort of a permutation [n], computed as a scatter: exact, and no sort."""
     return jnp.zeros_like(index).at[index].set(jnp.arange(index.shape[0], dtype=index.dtype))
+
 
 def split(x: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[B, N, D] -> x1, x2, each [B, N, D/2], by one exact gather."""
     B, N, D = x.shape
     return halves(jnp.take(x.reshape(B, N * D), index, axis=1), N)
+
 
 def merge(x1: jax.Array, x2: jax.Array, index: jax.Array) -> jax.Array:
     """x1, x2 [B, N, D/2] -> [B, N, D]; the exact inverse of `split`."""
@@ -178,24 +194,18 @@ def merge(x1: jax.Array, x2: jax.Array, index: jax.Array) -> jax.Array:
     x = jnp.concatenate([x1.reshape(B, N * half), x2.reshape(B, N * half)], axis=1)
     return jnp.take(x, inverse_permutation(index), axis=1).reshape(B, N, 2 * half)
 
-def chain_indices(perms: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Split indices [L, N*D] of L couplings, in running order -> (first, moves). `forward` keeps
-    the state flat (x1 then x2) in the split order of the coupling about to run:
-    merge_i then split_{i+1} is one gather by moves[i] = argsort(perms[i])[perms[i+1]], and
-    moves[-1] = argsort(perms[-1]) merges the last."""
-    inverse = jax.vmap(inverse_permutation)(perms)
-    between = jnp.take_along_axis(inverse[:-1], perms[1:], axis=1)
-    return perms[0], jnp.concatenate([between, inverse[-1:]], axis=0)
 
 # ---- ViT pieces (pre-LN blocks as big_vision's vit.Encoder1DBlock), on [B, N, E] activations ---
 
 _lecun_normal = jax.nn.initializers.lecun_normal()  # flax nn.Dense default
 _xavier_uniform = jax.nn.initializers.xavier_uniform()  # big_vision ViT kernels
 
+
 def init_dense(key, d_in, d_out, kernel_init=_lecun_normal, bias_std=0.0, dtype=jnp.float32):
     kb, kk = jax.random.split(key)
     return {"kernel": kernel_init(kk, (d_in, d_out), dtype),
             "bias": bias_std * jax.random.normal(kb, (d_out,), dtype)}
+
 
 def matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """einsum of activations x and weights w in w's dtype (bfloat16 in bf16 mode), accumulated
@@ -203,41 +213,49 @@ def matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum(spec, x.astype(w.dtype), w, precision=jax.lax.Precision.HIGHEST,
                       preferred_element_type=x.dtype)
 
+
 def dense(p, x):
     """[..., d_in] -> [..., d_out] as one [M, d_in] matmul over all leading positions: XLA:CPU
     then reads the weight gradient's cotangent in place (a [B, N, d] einsum transposed it)."""
     y = matmul("mi,io->mo", x.reshape(-1, x.shape[-1]), p["kernel"]) + p["bias"][None]
     return y.reshape(*x.shape[:-1], -1)
 
+
 def init_layer_norm(d, dtype=jnp.float32):
     return {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
+
 
 def _standardize(x, eps):
     mean = x.mean(-1, keepdims=True)
     r = jax.lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + eps)  # 1 / std
     return (x - mean) * r, r
 
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def standardize(x, eps):
     """xhat = (x - mean) / sqrt(var + eps) over the last axis; LayerNorm without scale and bias."""
     return _standardize(x, eps)[0]
 
+
 @standardize.defjvp
 def _standardize_jvp(eps, primals, tangents):
     """dxhat = (dx - mean(dx) - xhat mean(xhat dx)) / std, autodiff's derivative in closed form:
-    its transpose, the backward, is shorter, and XLA:CPU fuses it better (block depth 3: -10%)."""
+    its transpose, the backward, is shorter, and XLA:CPU fuses it better (docs/speed.md)."""
     xhat, r = _standardize(primals[0], eps)
     dx = tangents[0] - tangents[0].mean(-1, keepdims=True)  # centred first: faster on XLA:CPU
     return xhat, r * (dx - xhat * (xhat * dx).mean(-1, keepdims=True))
+
 
 def layer_norm(p, x, eps=1e-6):  # eps: flax nn.LayerNorm default
     scale, bias = (p[n].reshape((1,) * (x.ndim - 1) + (-1,)) for n in ("scale", "bias"))
     return standardize(x, eps) * scale + bias
 
+
 def init_attention(key, emb_dim, num_heads, dtype=jnp.float32):
     """Per-head projections shaped as flax MultiHeadDotProductAttention's: [E, heads, E/heads]."""
     head_dim = emb_dim // num_heads
     keys = jax.random.split(key, 4)
+
     def proj(k, shape):
         return _xavier_uniform(k, (emb_dim, emb_dim), dtype).reshape(shape)  # flax: flat fans
     p = {name: {"kernel": proj(k, (emb_dim, num_heads, head_dim)),
@@ -247,9 +265,11 @@ def init_attention(key, emb_dim, num_heads, dtype=jnp.float32):
                 "bias": jnp.zeros((emb_dim,), dtype)}
     return p
 
+
 def attention(p, x):
     """Multi-head self-attention, [B, N, E] -> [B, N, E]; query scaled by head_dim^-1/2."""
     B, N, E = x.shape
+
     def heads(q):  # [B, N, E] -> [B, heads, N, head_dim]; heads-major keeps the matmuls fast
         w = p[q]["kernel"]  # [E, heads, head_dim]
         y = dense({"kernel": w.reshape(E, -1), "bias": p[q]["bias"].reshape(-1)}, x)
@@ -265,14 +285,17 @@ def attention(p, x):
     out = out.transpose(0, 2, 1, 3).reshape(B, N, E)  # heads side by side again
     return dense({"kernel": p["out"]["kernel"].reshape(E, E), "bias": p["out"]["bias"]}, out)
 
+
 def init_mlp(key, emb_dim, mlp_dim, dtype=jnp.float32):
     k1, k2 = jax.random.split(key)
     return {"fc1": init_dense(k1, emb_dim, mlp_dim, _xavier_uniform, 1e-6, dtype),
             "fc2": init_dense(k2, mlp_dim, emb_dim, _xavier_uniform, 1e-6, dtype)}
 
+
 def mlp(p, x):
     """[..., E] -> [..., mlp_dim] -> [..., E], tanh-approximated GELU (flax nn.gelu)."""
     return dense(p["fc2"], jax.nn.gelu(dense(p["fc1"], x), approximate=True))
+
 
 def init_vit_block(key, cfg: Config, dtype=jnp.float32):
     ka, km = jax.random.split(key)
@@ -280,6 +303,7 @@ def init_vit_block(key, cfg: Config, dtype=jnp.float32):
             "attention": init_attention(ka, cfg.emb_dim, cfg.num_heads, dtype),
             "ln2": init_layer_norm(cfg.emb_dim, dtype),
             "mlp": init_mlp(km, cfg.emb_dim, cfg.mlp_dim or 4 * cfg.emb_dim, dtype)}
+
 
 def vit_block(p, x):
     """Pre-LN transformer block with residuals, [B, N, E]: x + attn(LN(x)), then + mlp(LN(.)).
@@ -289,6 +313,7 @@ def vit_block(p, x):
     h = h + attention(p["attention"], layer_norm(p["ln1"], h).reshape(B, N, E)).reshape(B * N, E)
     h = h + mlp(p["mlp"], layer_norm(p["ln2"], h))
     return h.reshape(B, N, E)
+
 
 # ---- Coupling net: x1 [B, N, D/2] -> b, s [B, N, D/2] (big_vision's DNN) -----------------
 
@@ -304,6 +329,7 @@ def init_coupling_net(key, cfg: Config, dtype=jnp.float32):
             "encoder_norm": init_layer_norm(E, dtype),
             "final_proj": init_dense(k_out, E, D, jax.nn.initializers.zeros, dtype=dtype)}
 
+
 def coupling_net(p, x1):
     """Dense + position embedding, `block_depth` ViT blocks, LN, Dense to (b, s)."""
     h = dense(p["init_proj"], x1) + p["posemb"][None]  # [B, N, E]
@@ -313,12 +339,14 @@ def coupling_net(p, x1):
     b, s = jnp.split(out, 2, axis=-1)
     return b, s
 
+
 # ---- Coupling: y1 = x1, y2 = (x2 + b(x1)) * sigmoid(s(x1)) * k ---------------------------
 
 def coupling_scale(s, k):
     """Scale sigmoid(s) * k and its log-det, summed per example: [B, N, D/2] -> [B]."""
     logdet = jnp.sum(jax.nn.log_sigmoid(s) + math.log(k), axis=(1, 2))
     return jax.nn.sigmoid(s) * k, logdet
+
 
 def affine_forward(p, x1, x2, k, net=coupling_net):
     """The coupling's equation on the halves [B, N, D/2]: y2 = (x2 + b(x1)) * sigmoid(s(x1)) * k;
@@ -328,12 +356,14 @@ def affine_forward(p, x1, x2, k, net=coupling_net):
     scale, logdet = coupling_scale(s, k)
     return (x2 + b) * scale, logdet
 
+
 def affine_inverse(p, y1, y2, k, net=coupling_net):
     """x2 = y2 / (sigmoid(s(y1)) * k) - b(y1), and log|det dx/dy| [B]. y1 = x1, so b and s are
     exactly the forward's."""
     b, s = net(p, y1)
     scale, logdet = coupling_scale(s, k)
     return y2 / scale - b, -logdet
+
 
 def coupling_forward(p, index, x, k, net=coupling_net):
     """One coupling, [B, N, D] -> y [B, N, D], log|det dy/dx| [B]. `forward` runs the same
@@ -342,13 +372,15 @@ def coupling_forward(p, index, x, k, net=coupling_net):
     y2, logdet = affine_forward(p, x1, x2, k, net)
     return merge(x1, y2, index), logdet
 
+
 def coupling_inverse(p, index, y, k, net=coupling_net):
     """[B, N, D] -> x [B, N, D], log|det dx/dy| [B] (= minus the forward's)."""
     y1, y2 = split(y, index)
     x2, logdet = affine_inverse(p, y1, y2, k, net)
     return merge(y1, x2, index), logdet
 
-# ---- Flow: z = f(x), the couplings applied in order under one scan -----------------------
+
+# ---- Flow, plain: z = f(x), the couplings applied one after the other -------------------
 
 def init(key: jax.Array, cfg: Config, dtype=jnp.float32) -> tuple[dict, jax.Array]:
     """Returns (params, perms): params a nested dict whose leaves have a leading [depth] axis
@@ -357,6 +389,7 @@ def init(key: jax.Array, cfg: Config, dtype=jnp.float32) -> tuple[dict, jax.Arra
     net_keys = jax.random.split(k_params, cfg.depth)
     params = jax.vmap(lambda k: init_coupling_net(k, cfg, dtype))(net_keys)
     return params, init_perms(k_perms, cfg)
+
 
 def _check_input(x, perms, cfg, name):
     expected = (cfg.depth, cfg.num_tokens * cfg.token_dim)
@@ -367,11 +400,61 @@ def _check_input(x, perms, cfg, name):
         raise ValueError(f"perms has shape {tuple(perms.shape)} but this Config needs "
                          f"{expected}; were they made for another Config?")
 
+
 def remat_policy(remat: bool):
     """What backprop keeps of each coupling: remat=True only its input, recomputing its ViT (as
     big_vision does); remat=False also the ViT's matmul outputs (the cheap rest is recomputed)."""
     policies = jax.checkpoint_policies
     return policies.nothing_saveable if remat else policies.dots_with_no_batch_dims_saveable
+
+
+def plain_forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config,
+                  coupling=coupling_forward, remat: bool = False):
+    """The flow as the paper writes it: x [B, H, W, C] -> z [B, H, W, C], log|det dz/dx| [B].
+
+    patchify, then coupling i (parameters params[i], split index perms[i]) for i = 0 .. depth-1,
+    then unpatchify; the log-det of the composition is the sum of the couplings' log-dets.
+    `coupling(p, index, h, k) -> (y, logdet)` is one coupling; pass
+    functools.partial(coupling_forward, net=...) to use another coupling network."""
+    _check_input(x, perms, cfg, "x")
+
+    def step(h, layer):  # one coupling on h [B, N, D]
+        p, index = layer
+        return coupling(p, index, h, cfg.scale_factor)
+    step = jax.checkpoint(step, policy=remat_policy(remat))
+    h, logdets = jax.lax.scan(step, patchify(x, cfg.patch_size), (params, perms))  # [depth, B]
+    return unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
+
+
+def plain_inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config,
+                  coupling=coupling_inverse):
+    """x = f^-1(z), log|det dx/dz| [B]: the inverse couplings, last first."""
+    _check_input(z, perms, cfg, "z")
+
+    def step(h, layer):
+        p, index = layer
+        return coupling(p, index, h, cfg.scale_factor)
+    h, logdets = jax.lax.scan(step, patchify(z, cfg.patch_size), (params, perms), reverse=True)
+    return unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
+
+
+# ---- Flow, fast path: the same map with each merge and the next split fused ------------
+#
+# plain_forward gathers twice per coupling (merge, then the next coupling's split) over a
+# [B, N, D] state. forward/inverse compose the two into one gather of the flat state, kept as
+# [N*D, B] so that each gather, and its gradient (a scatter-add), moves whole rows of B values.
+# Same couplings, same values (test_jet.py: test_fast_path_equals_plain_flow); training,
+# evaluation and sampling use this path. Measurements: docs/speed.md.
+
+def chain_indices(perms: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Split indices [L, N*D] of L couplings, in running order -> (first, moves). `forward` keeps
+    the state flat (x1 then x2) in the split order of the coupling about to run:
+    merge_i then split_{i+1} is one gather by moves[i] = argsort(perms[i])[perms[i+1]], and
+    moves[-1] = argsort(perms[-1]) merges the last."""
+    inverse = jax.vmap(inverse_permutation)(perms)
+    between = jnp.take_along_axis(inverse[:-1], perms[1:], axis=1)
+    return perms[0], jnp.concatenate([between, inverse[-1:]], axis=0)
+
 
 def _couplings(affine, params, perms, x, cfg, reverse, remat, compute_dtype):
     """patchify, the couplings in order (reverse: last first), unpatchify. The state is kept
@@ -393,6 +476,7 @@ def _couplings(affine, params, perms, x, cfg, reverse, remat, compute_dtype):
                               reverse=reverse)  # logdets [depth, B]
     return unpatchify(h.T.reshape(B, N, -1), cfg.patch_size, cfg.image_shape), logdets.sum(0)
 
+
 def forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config, remat: bool = False,
             compute_dtype=None):
     """x [B, H, W, C] in [-1, 1] -> z [B, H, W, C], log|det dz/dx| [B]. remat: see
@@ -401,10 +485,12 @@ def forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config, remat: bo
     _check_input(x, perms, cfg, "x")
     return _couplings(affine_forward, params, perms, x, cfg, False, remat, compute_dtype)
 
+
 def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config, compute_dtype=None):
     """z [B, H, W, C] -> x [B, H, W, C], log|det dx/dz| [B]; couplings in reverse order."""
     _check_input(z, perms, cfg, "z")
     return _couplings(affine_inverse, params, perms, z, cfg, True, False, compute_dtype)
+
 
 # ---- Likelihood: uniform dequantization and bits per dimension ---------------------------
 
@@ -421,6 +507,7 @@ def dequantize(key: jax.Array, images: jax.Array) -> jax.Array:
     x = images.astype(jnp.float32) / 127.5 - 1.0
     return x + jax.random.uniform(key, images.shape, jnp.float32, 0.0, 1.0 / 127.5)
 
+
 def bits_per_dim(z: jax.Array, logdet: jax.Array) -> jax.Array:
     """Per-example bits/dim of 8-bit images, z [B, H, W, C], logdet [B] -> [B].
 
@@ -434,6 +521,7 @@ def bits_per_dim(z: jax.Array, logdet: jax.Array) -> jax.Array:
                                                                  + math.log(127.5))
     return (nll - logdet) / (dims * math.log(2))
 
+
 # ---- Sampling ----------------------------------------------------------------------------
 
 def sample(params: dict, perms: jax.Array, key: jax.Array, n: int, cfg: Config,
@@ -444,6 +532,7 @@ def sample(params: dict, perms: jax.Array, key: jax.Array, n: int, cfg: Config,
     z = temperature * jax.random.normal(key, (n, *cfg.image_shape), dtype)
     x, _ = inverse(params, perms, z, cfg, compute_dtype)
     return quantize(x)
+
 
 def quantize(x: jax.Array) -> jax.Array:
     """[-1, 1] -> uint8: the integer whose dequantization cell holds x, clipped to [0, 255]."""

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import ablate
 import jet
 import train
-from test_jet import ROUND_TRIP_BOUND, configs, images, random_params
+from conftest import ROUND_TRIP_BOUND, configs, images, random_params
 
 VARIANTS = (ablate.Variant("cnn", net="cnn"),
             ablate.Variant("cnn, 2 blocks, actnorm, dense", net="cnn", cnn_blocks=2,

@@ -2,18 +2,13 @@
 (only servers on 127.0.0.1) or a downloaded dataset (the Debian Fashion-MNIST test is skipped when
 the package is absent)."""
 
-import contextlib
-import functools
 import gzip
 import hashlib
-import http.server
-import io
 import os
 import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import urllib.request
 
 import hypothesis
@@ -22,52 +17,18 @@ import numpy as np
 import pytest
 
 import data
+from conftest import CIFAR_NAMES, cifar_bytes, make_cifar_tar, serve
 
-CIFAR_NAMES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
 
 
 # ------------------------------------------------------------------------------------------------
 # Builders of files in the real formats.
-
-def cifar_bytes(index: int, n: int = 10) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """n records of file `index` in the CIFAR-10 binary layout; also the expected HWC images."""
-    rng = np.random.default_rng(index)
-    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    labels = (np.arange(n) + index) % 10
-    records = [bytes([label]) + image.transpose(2, 0, 1).tobytes()  # R plane, G plane, B plane
-               for label, image in zip(labels, images)]
-    return b"".join(records), images, labels
-
 
 def cifar_expected(n: int = 10) -> dict[str, np.ndarray]:
     parts = [cifar_bytes(i, n) for i in range(6)]
     return {"train": np.concatenate([p[1] for p in parts[:5]]),
             "train_labels": np.concatenate([p[2] for p in parts[:5]]),
             "test": parts[5][1], "test_labels": parts[5][2]}
-
-
-def add_member(tar: tarfile.TarFile, name: str, payload: bytes = b"", **fields) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    for key, value in fields.items():
-        setattr(info, key, value)
-    tar.addfile(info, io.BytesIO(payload))
-
-
-def make_cifar_tar(path, n: int = 10, drop=(), cut=None, extra=()) -> str:
-    """Writes a CIFAR-10 binary archive and returns its md5; `cut` = (name, bytes to remove)."""
-    with tarfile.open(path, "w:gz") as tar:
-        for i, name in enumerate(CIFAR_NAMES):
-            payload = cifar_bytes(i, n)[0]
-            if cut and cut[0] == name:
-                payload = payload[:-cut[1]]
-            if name not in drop:
-                add_member(tar, f"cifar-10-batches-bin/{name}", payload)
-        add_member(tar, "cifar-10-batches-bin/batches.meta.txt", b"airplane\n")
-        for name, fields in extra:
-            add_member(tar, name, b"evil", **fields)
-    with open(path, "rb") as f:
-        return hashlib.md5(f.read()).hexdigest()
 
 
 def assert_same(got: dict, want: dict) -> None:
@@ -80,21 +41,6 @@ def assert_same(got: dict, want: dict) -> None:
 
 def files_under(root) -> set[str]:
     return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
-
-
-@contextlib.contextmanager
-def serve(directory):
-    """An HTTP server for `directory` on 127.0.0.1, ephemeral port, in a thread."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from hypothesis import given
 
 import jet
 import official
+from conftest import ROUND_TRIP_BOUND, configs, images, random_params
 
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
 GOLDEN = sorted(TESTDATA.glob("big_vision_jet_*.npz"))
@@ -29,60 +30,12 @@ SMALL = jet.Config(image_shape=(8, 8, 3), patch_size=2, depth=3, emb_dim=16, num
 init = jax.jit(jet.init, static_argnums=(1, 2))
 forward = jax.jit(jet.forward, static_argnums=3, static_argnames=("remat", "compute_dtype"))
 inverse = jax.jit(jet.inverse, static_argnums=3, static_argnames="compute_dtype")
+plain_forward = jax.jit(jet.plain_forward, static_argnums=3)
+plain_inverse = jax.jit(jet.plain_inverse, static_argnums=3)
 
 
 # ------------------------------------------------------------------------------------------
 # Strategies and helpers
-
-
-@st.composite
-def configs(draw, even_grid=False, max_depth=4):
-    """Small valid Configs covering every kind, projection, patch size and channel count."""
-    C = draw(st.integers(1, 3))
-    P = draw(st.sampled_from([p for p in (1, 2, 3, 4) if p * p * C % 2 == 0]))
-    nh, nw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    if even_grid:
-        nh, nw = 2 * nh, 2 * nw
-    balanced = [p for p in jet.SPATIAL_PROJS
-                if {"c": nh * nw, "h": nh, "v": nw}[p[0]] % 2 == 0]
-    kinds = draw(st.lists(st.sampled_from(jet.KINDS if balanced else ["channels"]),
-                          min_size=1, max_size=3))
-    heads = draw(st.sampled_from([1, 2]))
-    return jet.Config(
-        image_shape=(P * nh, P * nw, C), patch_size=P,
-        depth=draw(st.integers(1, max_depth)), block_depth=draw(st.integers(1, 2)),
-        emb_dim=heads * draw(st.sampled_from([4, 8])), num_heads=heads,
-        mlp_dim=draw(st.sampled_from([None, 12])),
-        scale_factor=draw(st.floats(0.5, 4.0)), kinds=tuple(kinds),
-        spatial_projs=tuple(draw(st.lists(st.sampled_from(balanced or ["checkerboard"]),
-                                          min_size=1, max_size=4))))
-
-
-def random_params(cfg, seed, dtype=np.float32):
-    """Parameters with every leaf random, the zero-initialised output layers included, so that
-    every coupling really moves its input (at init the flow is the identity and proves nothing).
-
-    Built with NumPy on the shapes of jet.init: compiling init's random initialisers for every
-    drawn configuration would dominate the test time."""
-    shapes = jax.eval_shape(lambda: jet.init(jax.random.key(0), cfg)[0])
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, shape):
-        name = jax.tree_util.keystr(path)
-        if "scale" in name:  # layer norm
-            value = 1 + 0.1 * rng.normal(size=shape.shape)
-        elif "kernel" in name:  # attention kernels are [E, heads, head_dim] or [heads, head_dim, E]
-            fan_in = cfg.emb_dim if "attention" in name else shape.shape[-2]
-            value = rng.normal(size=shape.shape) / np.sqrt(fan_in)
-        else:
-            value = 0.3 * rng.normal(size=shape.shape)
-        return jnp.asarray(value, dtype)
-    params = jax.tree_util.tree_map_with_path(leaf, shapes)
-    return params, jet.init_perms(jax.random.key(seed), cfg)
-
-
-def images(key, cfg, batch=2, dtype=jnp.float32):
-    return jax.random.uniform(key, (batch, *cfg.image_shape), dtype, -1.0, 1.0)
 
 
 def load_golden(path):
@@ -210,10 +163,6 @@ def test_standardize_closed_form_derivative_is_autodiffs(x64, rows, width, offse
 # The flow is a bijection with the right log-determinant
 
 
-ROUND_TRIP_BOUND = 5e-5  # per coupling, relative to max(1, largest value): 10x the worst
-# of 150 random configurations (python test_jet.py prints it for 40)
-
-
 def round_trip(params, perms, cfg, x, z, compute_dtype=None):
     """Errors of x -> f -> f^-1 and of z -> f^-1 -> f, each divided by depth * max(1, largest
     value the trip passes through): float32 loses precision in proportion to magnitude, and
@@ -293,22 +242,17 @@ def test_logdet_in_bfloat16_mode_is_that_of_its_map(x64, cfg, seed):
 
 
 @given(configs(), st.integers(0, 2 ** 31 - 1))
-def test_fused_gathers_equal_the_plain_couplings(cfg, seed):
-    """forward and inverse, which fuse each merge with the next split into one gather, compute
-    the couplings of coupling_forward / coupling_inverse (split, equation, merge) in order."""
+def test_fast_path_equals_plain_flow(cfg, seed):
+    """forward and inverse, which fuse each merge with the next split into one gather over a
+    [N*D, B] state, compute the plain flow: coupling_forward (split, equation, merge) applied
+    coupling after coupling, and coupling_inverse last first."""
     params, perms = random_params(cfg, seed)
     x = images(jax.random.key(seed), cfg)
-    layer = [jax.tree.map(lambda a: a[i], params) for i in range(cfg.depth)]
-    for fn, plain, order in ((forward, jet.coupling_forward, range(cfg.depth)),
-                             (inverse, jet.coupling_inverse, reversed(range(cfg.depth)))):
-        h, logdet = jet.patchify(x, cfg.patch_size), 0.0
-        for i in order:
-            h, logdet_i = jax.jit(plain, static_argnums=3)(layer[i], perms[i], h, cfg.scale_factor)
-            logdet = logdet + logdet_i
-        out, fused_logdet = fn(params, perms, x, cfg)
-        np.testing.assert_allclose(out, jet.unpatchify(h, cfg.patch_size, cfg.image_shape),
-                                   rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(fused_logdet, logdet, rtol=1e-5, atol=1e-4)
+    for fast, plain in ((forward, plain_forward), (inverse, plain_inverse)):
+        out, logdet = fast(params, perms, x, cfg)
+        plain_out, plain_logdet = plain(params, perms, x, cfg)
+        np.testing.assert_allclose(out, plain_out, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(logdet, plain_logdet, rtol=1e-5, atol=1e-4)
 
 
 def test_identity_at_init():

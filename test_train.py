@@ -13,13 +13,12 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import bench
 import jet
 import train
-from test_data import make_cifar_tar, serve
+from conftest import make_cifar_tar, serve
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # 3 couplings of width 16 on 32x32 CIFAR-layout images: compiles in seconds.
