@@ -325,16 +325,6 @@ def run_flags(v: Variant, quick: bool) -> dict:
     return flags
 
 
-def config_of(flags: dict, image_shape) -> jet.Config:
-    """The jet.Config train.py builds from these flags and the preset they name."""
-    values = {}
-    for name, kind in train.CONFIG_FLAG_TYPES.items():
-        value = flags.get(name, train.PRESETS[flags["preset"]].get(name))
-        if value is not None:
-            values[name] = kind(value) if isinstance(value, str) else value
-    return jet.Config(image_shape=tuple(image_shape), **values)
-
-
 # ------------------------------------------------------------------------------------------
 # Running: each (variant, seed) is one train.py run for budget / (train FLOPs x batch) steps
 
@@ -362,7 +352,7 @@ def run_variant(v: Variant, seed: int, args, image_shape) -> dict:
     if done:
         return done
     flags = run_flags(v, args.quick)
-    cfg = config_of(flags, image_shape)
+    cfg = train.make_config(flags, image_shape)
     flops = 3 * forward_flops(cfg, v)  # training step ~ forward + backward (2x forward)
     batch = int(flags.get("batch_size", train.PRESETS["cpu"]["batch_size"]))
     steps = 2 if args.quick else max(1, round(args.budget * 1e12 / (flops * batch)))

@@ -86,27 +86,21 @@ def peak_memory_bytes() -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    preset = train.PRESETS[args.preset]
     overrides = {k: getattr(args, k) for k in train.CONFIG_FLAG_TYPES
                  if getattr(args, k) is not None}
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
     try:
-        cfg = jet.Config(image_shape=args.image_shape or SHAPES[args.preset],
-                         **{k: v for k, v in preset.items() if k in train.MODEL_FLAGS}
-                         | overrides)
+        cfg, flags = train.preset_settings(args.preset, overrides | {"steps": 1000},
+                                           args.image_shape or SHAPES[args.preset])
     except ValueError as e:
         raise SystemExit(f"bench.py: error: {e}")
-    batch = args.batch_size or preset["batch_size"]
-    dtype = train.compute_dtype({"dtype": args.dtype})
-    flags = train.RECIPE | preset | {"steps": 1000}
-    tx = train.make_optimizer(flags)
+    batch, dtype = flags["batch_size"], train.compute_dtype({"dtype": args.dtype})
     params, perms = jax.jit(jet.init, static_argnums=1)(jax.random.key(0), cfg)
     images = jax.device_put(
         np.random.default_rng(0).integers(0, 256, (batch, *cfg.image_shape), np.uint8))
-    noise = jax.random.key(1)
-
-    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     result = {"config": dataclasses.asdict(cfg), "batch": batch, "dtype": args.dtype,
-              "device": device,
+              "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
               "params": train.num_params(params),
               "gflop_per_image_forward": train.forward_flops(cfg) / 1e9,
               "gflop_per_image_train": 3 * train.forward_flops(cfg) / 1e9}
@@ -116,39 +110,53 @@ def main(argv=None) -> dict:
     result["matmul_peak_tflops"] = {k: v / 1e12 for k, v in peak.items()}
     peak_flops = peak["bfloat16" if args.dtype == "bfloat16" and "bfloat16" in peak
                       else "float32"]
-
     for remat in ([args.remat] if args.remat is not None else [True, False]):
-        step_fn = train.make_train_step(cfg, tx, remat, dtype)
-        fresh = jax.tree.map(jnp.copy, (params, perms))  # the step donates its state
-        state = {"params": fresh[0], "perms": fresh[1], "opt_state": tx.init(fresh[0])}
-        count = iter(range(args.steps + 1))
+        result[f"train_remat_{'on' if remat else 'off'}"] = time_training(
+            cfg, flags, params, perms, images, remat, dtype, args.steps, peak_flops)
+    result |= time_inference(cfg, params, perms, images, dtype, args.steps)
+    result["memory_bytes"] = peak_memory_bytes()
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        print_report(result, args, overrides)
+    return result
 
-        def step():  # threads the donated state through the timed calls
-            nonlocal state
-            state, out = step_fn(state, images, next(count), noise)
-            return out
-        compile_s, seconds = timed(step, steps=args.steps)
-        key = f"train_remat_{'on' if remat else 'off'}"
-        result[key] = {"compile_s": compile_s, "img_per_s": batch / seconds,
-                       "utilisation": 3 * train.forward_flops(cfg) * batch / seconds
-                       / peak_flops}
+
+def time_training(cfg, flags, params, perms, images, remat, dtype, steps, peak_flops) -> dict:
+    """train.py's jitted step: compile time, img/s and the fraction of the matmul peak."""
+    tx = train.make_optimizer(flags)
+    step_fn = train.make_train_step(cfg, tx, remat, dtype)
+    state = train.new_state(*jax.tree.map(jnp.copy, (params, perms)), tx)  # donated below
+    count, noise = iter(range(steps + 1)), jax.random.key(1)
+
+    def step():  # threads the donated state through the timed calls
+        nonlocal state
+        state, out = step_fn(state, images, next(count), noise)
+        return out
+    compile_s, seconds = timed(step, steps=steps)
+    batch = images.shape[0]
+    return {"compile_s": compile_s, "img_per_s": batch / seconds,
+            "utilisation": 3 * train.forward_flops(cfg) * batch / seconds / peak_flops}
+
+
+def time_inference(cfg, params, perms, images, dtype, steps) -> dict:
+    """Evaluation (forward + bits/dim) and sampling (one inverse pass) img/s."""
+    noise, batch = jax.random.key(1), images.shape[0]
     x = jet.dequantize(noise, images)
     evaluate = jax.jit(lambda p, x: jet.bits_per_dim(*jet.forward(p, perms, x, cfg,
                                                                   compute_dtype=dtype)))
-    _, seconds = timed(evaluate, params, x, steps=args.steps)
-    result["eval_img_per_s"] = batch / seconds
-    _, seconds = timed(train._sample, params, perms, noise, batch, cfg, 1.0, dtype,
-                       steps=args.steps)
-    result["sample_img_per_s"] = batch / seconds
-    result["memory_bytes"] = peak_memory_bytes()
+    _, eval_s = timed(evaluate, params, x, steps=steps)
+    _, sample_s = timed(train.sample_jit, params, perms, noise, batch, cfg, 1.0, dtype,
+                        steps=steps)
+    return {"eval_img_per_s": batch / eval_s, "sample_img_per_s": batch / sample_s}
 
-    if args.json:
-        print(json.dumps(result), flush=True)
-        return result
+
+def print_report(result: dict, args, overrides: dict) -> None:
+    overrides = {k: v for k, v in overrides.items() if k != "batch_size"}
     name = f"{args.preset} preset with {overrides}" if overrides else f"{args.preset} preset"
-    print(f"{name}: batch {batch}, {args.dtype} matmuls, {device}, {result['params']:,} params, "
-          f"{result['gflop_per_image_forward']:.3f} GFLOP/image forward "
-          f"({result['gflop_per_image_train']:.3f} per training image)")
+    print(f"{name}: batch {result['batch']}, {args.dtype} matmuls, {result['device']}, "
+          f"{result['params']:,} params, {result['gflop_per_image_forward']:.3f} GFLOP/image "
+          f"forward ({result['gflop_per_image_train']:.3f} per training image)")
     print("matmul peak: " + ", ".join(f"{k} {v:.3f} TFLOP/s"
                                       for k, v in result["matmul_peak_tflops"].items()))
     for key in ("train_remat_on", "train_remat_off"):
@@ -160,7 +168,6 @@ def main(argv=None) -> dict:
           f"{result['sample_img_per_s']:.1f} img/s | peak memory: " + ", ".join(
               f"{k} {v / 2 ** 30:.2f} GiB" for k, v in result["memory_bytes"].items()),
           flush=True)
-    return result
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def test_variant_flops_match_xla_count(v):
     analysis = forward.lower(params, perms, x, cfg, v=v).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     assert ablate.forward_flops(cfg, v) == pytest.approx(analysis["flops"] / 8, rel=0.15)
-    cpu = ablate.config_of({"preset": "cpu"}, (32, 32, 3))
+    cpu = train.make_config({"preset": "cpu"}, (32, 32, 3))
     assert ablate.forward_flops(cpu, v) == pytest.approx(train.forward_flops(cpu), rel=0.1)
 
 
@@ -165,7 +165,7 @@ def test_every_experiment_builds_on_cifar10():
     args = ablate.parse_args([])
     for claim, variants in ablate.EXPERIMENTS.values():
         for v in variants:
-            cfg = ablate.config_of(ablate.run_flags(v, False), (32, 32, 3))
+            cfg = train.make_config(ablate.run_flags(v, False), (32, 32, 3))
             steps = args.budget * 1e12 / (3 * ablate.forward_flops(cfg, v) * 64)
             assert 30 <= steps <= 3000, (v.name, steps)
 

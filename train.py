@@ -1,9 +1,10 @@
 """Train Jet with the official recipe; evaluate test bits/dim; write samples and checkpoints.
 
-  python train.py --dataset cifar10                      # the cifar10 preset, one GPU
-  python train.py --dataset cifar10 --preset tiny        # a couple of minutes on a laptop CPU
-  python train.py --workdir runs/x --eval_only           # test bpd of the latest checkpoint
-  python train.py --workdir runs/x --sample 64           # a grid of 64 samples from it
+  python train.py --dataset cifar10                # sized to the machine: 30 min on a CPU,
+                                                   # the paper-scale preset on a GPU or TPU
+  python train.py --dataset cifar10 --preset tiny  # a couple of minutes on a laptop CPU
+  python train.py --workdir runs/x --eval_only     # test bpd of the latest checkpoint
+  python train.py --workdir runs/x --sample 64     # a grid of 64 samples from it
 
 Re-running the same command in the same --workdir resumes from the last checkpoint and sees
 exactly the batches and noise an uninterrupted run would. Data-parallel over jax.devices().
@@ -29,8 +30,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 import data
 import jet
 
+
 # ------------------------------------------------------------------------------------------
 # Presets. Explicit flags override them.
+
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(text.split(","))
@@ -207,14 +210,19 @@ def schedule(step, total_steps, warmup_steps):
     return 0.5 * (1 + jnp.cos(jnp.pi * progress)) * warm
 
 
+def run_schedule(f: dict):
+    """This run's schedule: step -> multiplier of the peak learning rate f["lr"]."""
+    return functools.partial(schedule, total_steps=f["steps"],
+                             warmup_steps=round(f["warmup"] * f["steps"]))
+
+
 def make_optimizer(f: dict) -> optax.GradientTransformation:
-    warmup_steps = round(f["warmup"] * f["steps"])
     return optax.chain(
         optax.clip_by_global_norm(f["clip"]),
         optax.scale_by_adam(b1=f["b1"], b2=f["b2"]),
         optax.scale(f["lr"]),
         optax.add_decayed_weights(f["weight_decay"]),  # not multiplied by lr, as big_vision
-        optax.scale_by_schedule(lambda s: schedule(s, f["steps"], warmup_steps)),
+        optax.scale_by_schedule(run_schedule(f)),
         optax.scale(-1.0))
 
 
@@ -301,7 +309,25 @@ def write_png(path: str, images: np.ndarray) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# Training
+# Training pieces: configuration, state, the jitted step, evaluation, samples
+
+
+def make_config(flags: dict, image_shape) -> jet.Config:
+    """The jet.Config that these settings describe: each model flag from `flags`, else from the
+    preset flags["preset"]; command-line strings ("12", "channels,spatial") are parsed."""
+    values = {}
+    for name, kind in CONFIG_FLAG_TYPES.items():
+        value = flags.get(name, PRESETS[flags["preset"]].get(name))
+        if value is not None:
+            values[name] = kind(value) if isinstance(value, str) else value
+    return jet.Config(image_shape=tuple(image_shape), **values)
+
+
+def preset_settings(preset: str, overrides: dict, image_shape) -> tuple[jet.Config, dict]:
+    """(jet.Config, flags) of a preset with overrides: recipe < preset < overrides. The one
+    place a preset becomes a model and a recipe (train.py, ablate.py and bench.py use it)."""
+    flags = RECIPE | {"preset": preset} | PRESETS[preset] | overrides
+    return make_config(flags, image_shape), flags
 
 
 def num_params(params) -> int:
@@ -321,6 +347,26 @@ def compute_dtype(f: dict):
     return {"float32": None, "bfloat16": jnp.bfloat16}[f.get("dtype") or "float32"]
 
 
+def run_keys(rng: jax.Array) -> dict[str, jax.Array]:
+    """Every random stream of a run, derived from the one key stored in its checkpoints."""
+    return dict(zip(("init", "noise", "eval", "sample"), jax.random.split(rng, 4)))
+
+
+def new_state(params, perms, tx, rng=None) -> dict:
+    """A training state at step 0: parameters, permutations, fresh optimizer state, run key."""
+    state = {"params": params, "perms": perms, "opt_state": tx.init(params)}
+    return state if rng is None else state | {"rng": rng}
+
+
+def state_template(cfg: jet.Config, tx, init=jet.init) -> dict:
+    """Shapes and dtypes of a state (tx=None: without optimizer state), to restore into."""
+    params = jax.eval_shape(lambda: init(jax.random.key(0), cfg)[0])
+    perms = jax.ShapeDtypeStruct((cfg.depth, cfg.num_tokens * cfg.token_dim), jnp.int32)
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    return {"params": params, "perms": perms, "rng": rng,
+            **({"opt_state": jax.eval_shape(tx.init, params)} if tx else {})}
+
+
 def make_train_step(cfg: jet.Config, tx, remat: bool, dtype=None, forward=jet.forward):
     """One jitted update: dequantize with noise key fold_in(key, step), loss = mean bits/dim."""
     @functools.partial(jax.jit, donate_argnums=0)
@@ -337,57 +383,55 @@ def make_train_step(cfg: jet.Config, tx, remat: bool, dtype=None, forward=jet.fo
     return train_step
 
 
-def make_evaluate(cfg: jet.Config, test: np.ndarray, batch_size: int, put_batch, dtype=None,
+def make_evaluate(cfg: jet.Config, images: np.ndarray, batch_size: int, put_batch, dtype=None,
                   forward=jet.forward):
-    """Mean test bits/dim over the whole test split (last batch padded and masked), with the
-    noise of batch i fixed to fold_in(key, i) so the figure is reproducible."""
+    """Mean bits/dim over all of `images` (last batch padded and masked), with the noise of
+    batch i fixed to fold_in(key, i) so the figure is reproducible."""
     @jax.jit
-    def batch_sum(params, perms, images, mask, key):
-        x = jet.dequantize(key, images)
+    def batch_sum(params, perms, batch, mask, key):
+        x = jet.dequantize(key, batch)
         z, logdet = forward(params, perms, x, cfg, compute_dtype=dtype)
         return jnp.sum(jet.bits_per_dim(z, logdet) * mask)
 
     def evaluate(state, key) -> float:
         total, last_line = 0.0, time.time()
-        for i in range(0, len(test), batch_size):
+        for i in range(0, len(images), batch_size):
             if time.time() - last_line >= PROGRESS_SECONDS:
-                print(f"evaluating: {i}/{len(test)} images", flush=True)
+                print(f"evaluating: {i}/{len(images)} images", flush=True)
                 last_line = time.time()
-            chunk = test[i:i + batch_size]
+            chunk = images[i:i + batch_size]
             pad = batch_size - len(chunk)
-            images = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
+            batch = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
             mask = (np.arange(batch_size) < len(chunk)).astype(np.float32)
-            total += float(batch_sum(state["params"], state["perms"], put_batch(images),
+            total += float(batch_sum(state["params"], state["perms"], put_batch(batch),
                                      put_batch(mask), jax.random.fold_in(key, i // batch_size)))
-        return total / len(test)
+        return total / len(images)
     return evaluate
 
 
-def run_keys(rng: jax.Array) -> dict[str, jax.Array]:
-    """Every random stream of a run, derived from the one key stored in its checkpoints."""
-    return dict(zip(("init", "noise", "eval", "sample"), jax.random.split(rng, 4)))
-
-
-_sample = jax.jit(jet.sample, static_argnums=(3, 4, 6))
+sample_jit = jax.jit(jet.sample, static_argnums=(3, 4, 6))
 # The flow that run() trains. ablate.py passes variants with the same signatures, plus
 # "data_init" (params, perms, x, cfg) -> params where a variant initialises from data.
-JET = {"name": "jet", "init": jet.init, "forward": jet.forward, "sample": _sample}
+JET = {"name": "jet", "init": jet.init, "forward": jet.forward, "sample": sample_jit}
 
 
 def write_samples(path: str, state: dict, cfg: jet.Config, n: int, temperature: float,
-                  dtype=None, sample=_sample) -> None:
+                  dtype=None, sample=sample_jit) -> None:
     """A PNG grid of n samples, drawn with the run's sample key (the same noise every time)."""
     key = run_keys(jax.random.wrap_key_data(state["rng"]))["sample"]
     images = sample(state["params"], state["perms"], key, n, cfg, temperature, dtype)
     write_png(path, to_host(images))
 
 
-def state_template(cfg: jet.Config, tx, init=jet.init) -> dict:
-    params = jax.eval_shape(lambda: init(jax.random.key(0), cfg)[0])
-    perms = jax.ShapeDtypeStruct((cfg.depth, cfg.num_tokens * cfg.token_dim), jnp.int32)
-    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-    return {"params": params, "perms": perms, "rng": rng,
-            **({"opt_state": jax.eval_shape(tx.init, params)} if tx else {})}
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "unknown"
+    days, rest = divmod(int(seconds), 86400)
+    return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
+
+
+# ------------------------------------------------------------------------------------------
+# The run, step by step: checkpoint and settings, data, devices, state, the loop
 
 
 def main(argv=None, model=None) -> dict:
@@ -401,46 +445,95 @@ def main(argv=None, model=None) -> dict:
 
 
 def run(args, model=JET) -> dict:
+    """train.py's three commands: --sample, --eval_only, or training (new or resumed)."""
     start_time = time.time()
+    ckpt = open_checkpoint(args, model)
+    f, cfg = run_settings(args, ckpt["meta"])
+    if args.sample:
+        return sample_command(args, f, cfg, ckpt, model)
+    train, test, cfg = load_data(f, cfg)
+    put_batch, replicate = data_parallel(f)
+    evaluate = make_evaluate(cfg, test, f["eval_batch_size"], put_batch, compute_dtype(f),
+                             model["forward"])
+    if args.eval_only:
+        return eval_command(cfg, ckpt, evaluate, replicate, model)
+    # A fixed slice of the training set, evaluated beside the test set: overfitting shows.
+    train_slice = train[data.batch_indices(len(train), min(len(train), len(test), 2000),
+                                           f["seed"], 0)]
+    evaluate_train = make_evaluate(cfg, train_slice, f["eval_batch_size"], put_batch,
+                                   compute_dtype(f), model["forward"])
+
+    def evaluate_both(state, key) -> tuple[float, float]:  # (test bpd, training-slice bpd)
+        return evaluate(state, key), evaluate_train(state, key)
+
+    state = initial_state(args, f, cfg, ckpt, train, put_batch, replicate, evaluate_both,
+                          start_time, model)
+    del ckpt["arrays"]  # the host copy of a restored state is no longer needed
+    print_header(f, cfg, state, len(train), len(test))
+    return train_loop(args, f, cfg, replicate(state), ckpt["meta"], train, put_batch,
+                      evaluate_both, model)
+
+
+def open_checkpoint(args, model) -> dict:
+    """The workdir's checkpoint: {"path", "arrays", "meta"} (None, None when there is none)."""
     if args.sample < 0 or not (math.isfinite(args.temperature) and args.temperature > 0):
         raise ValueError(f"--sample must be >= 0 and --temperature a positive number, got "
                          f"{args.sample} and {args.temperature}.")
-    ckpt_path = os.path.join(args.workdir, "checkpoint.npz")
-    arrays, meta = read_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else (None, None)
+    path = os.path.join(args.workdir, "checkpoint.npz")
+    arrays, meta = read_checkpoint(path) if os.path.exists(path) else (None, None)
     if (args.eval_only or args.sample) and meta is None:
-        raise ValueError(f"--eval_only/--sample need a checkpoint, but {ckpt_path} does not "
+        raise ValueError(f"--eval_only/--sample need a checkpoint, but {path} does not "
                          "exist; train first or pass the right --workdir.")
-    f, why = resolve(args, meta and meta["flags"], jax.default_backend())
-    cfg = meta and check_same_run(args, meta, f)
     if meta and meta.get("model", "jet") != model["name"]:
         raise ValueError(f"{args.workdir} holds a run of model {meta.get('model', 'jet')!r}, "
                          f"not {model['name']!r}; use another --workdir.")
+    return {"path": path, "arrays": arrays, "meta": meta}
+
+
+def run_settings(args, meta: dict | None) -> tuple[dict, jet.Config | None]:
+    """The run's flags, and its jet.Config when resuming (a new run's needs the data's shape).
+    Says which preset was chosen, and why."""
+    f, why = resolve(args, meta and meta["flags"], jax.default_backend())
+    cfg = meta and check_same_run(args, meta, f)
     if not (args.sample or args.eval_only):
         length = (f"sized to {f['time_budget']:g} minutes of wall time on this machine"
                   if f.get("time_budget") and "steps" not in f else
                   "the time it needs is printed after its first steps")
         print(f"Preset {f['preset']!r}: {why}; {length}.", flush=True)
-    if args.sample:
-        path = os.path.join(args.workdir, f"samples_T{args.temperature:g}_n{args.sample}.png")
-        state = restore(arrays, state_template(cfg, None, model["init"]), ckpt_path)
-        write_samples(path, state, cfg, args.sample, args.temperature, compute_dtype(f),
-                      model["sample"])
-        print(f"Wrote {args.sample} samples to {path}.", flush=True)
-        return {"samples": path}
+    return f, cfg
 
+
+def sample_command(args, f: dict, cfg: jet.Config, ckpt: dict, model) -> dict:
+    """--sample N: a grid of N samples from the workdir's latest checkpoint."""
+    path = os.path.join(args.workdir, f"samples_T{args.temperature:g}_n{args.sample}.png")
+    state = restore(ckpt["arrays"], state_template(cfg, None, model["init"]), ckpt["path"])
+    write_samples(path, state, cfg, args.sample, args.temperature, compute_dtype(f),
+                  model["sample"])
+    print(f"Wrote {args.sample} samples to {path}.", flush=True)
+    return {"samples": path}
+
+
+def load_data(f: dict, cfg: jet.Config | None) -> tuple[np.ndarray, np.ndarray, jet.Config]:
+    """Training and test images, and the Config: built from the images' shape for a new run
+    (and the step count from --epochs), checked against them when resuming."""
     dataset = data.load(f["dataset"], f.get("data_dir"), url=f.get("data_url"),
                         md5=f.get("data_md5"))
     train, test = dataset["train"], dataset["test"]
     if cfg is None:
-        cfg = jet.Config(image_shape=tuple(train.shape[1:]),
-                         **{k: f[k] for k in MODEL_FLAGS if k in f})
+        cfg = make_config(f, train.shape[1:])
         if "steps" not in f and not f.get("time_budget"):
             epoch = data.steps_per_epoch(len(train), f["batch_size"])
             f["steps"] = max(1, round(f["epochs"] * epoch))
     elif tuple(train.shape[1:]) != cfg.image_shape:
         raise ValueError(f"dataset {f['dataset']} has images {train.shape[1:]}, the checkpoint "
                          f"expects {cfg.image_shape}.")
+    return train, test, cfg
 
+
+def data_parallel(f: dict):
+    """Data parallelism over every device: (put_batch, replicate). put_batch shards a global
+    batch over a one-axis mesh, each process giving its slice; replicate copies a pytree (the
+    state) to every device."""
     n_dev, n_proc = jax.device_count(), jax.process_count()
     for name in ("batch_size", "eval_batch_size"):
         if f[name] % n_dev:
@@ -449,164 +542,59 @@ def run(args, model=JET) -> dict:
     mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
-    def put_batch(global_batch: np.ndarray) -> jax.Array:  # each process gives its slice
+    def put_batch(global_batch: np.ndarray) -> jax.Array:
         local = np.array_split(global_batch, n_proc)[jax.process_index()]
-        return jax.make_array_from_process_local_data(batch_sharding, local,
-                                                       global_batch.shape)
+        return jax.make_array_from_process_local_data(batch_sharding, local, global_batch.shape)
 
-    if meta is not None:
-        step = meta["step"]
-        print(f"Resuming {args.workdir} at step {step}.", flush=True)
-    else:
-        rng = jax.random.key_data(jax.random.key(f["seed"]))
-        if f.get("init_from"):
-            params, perms = load_params(f["init_from"], state_template(cfg, None,
-                                                                       model["init"]), cfg)
-        else:
-            key = run_keys(jax.random.wrap_key_data(rng))["init"]
-            params, perms = jax.jit(model["init"], static_argnums=1)(key, cfg)
-            if "data_init" in model:  # e.g. ActNorm: statistics of the first training batch
-                first = train[data.batch_indices(len(train), f["batch_size"], f["seed"], 0)]
-                params = model["data_init"](params, perms, jet.dequantize(key, first), cfg)
-        params, perms = jax.device_put((params, perms), NamedSharding(mesh, PartitionSpec()))
-        step = 0
-    dtype = compute_dtype(f)
-    evaluate = make_evaluate(cfg, test, f["eval_batch_size"], put_batch, dtype,
-                             model["forward"])
-    if args.eval_only:
-        state = restore(arrays, state_template(cfg, None, model["init"]), ckpt_path)
-        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-        test_bpd = evaluate(state, run_keys(jax.random.wrap_key_data(state["rng"]))["eval"])
-        print(f"step {step} | test {test_bpd:.4f} bpd", flush=True)
-        return {"step": step, "test_bpd": test_bpd}
+    def replicate(tree):
+        return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    return put_batch, replicate
 
-    # A fixed slice of the training set, evaluated beside the test set: overfitting shows.
-    train_sample = train[data.batch_indices(len(train), min(len(train), len(test), 2000),
-                                            f["seed"], 0)]
-    evaluate_train = make_evaluate(cfg, train_sample, f["eval_batch_size"], put_batch, dtype,
-                                   model["forward"])
 
-    def evaluate_both(state, key) -> tuple[float, float]:  # (test bpd, training-slice bpd)
-        return evaluate(state, key), evaluate_train(state, key)
+def eval_command(cfg: jet.Config, ckpt: dict, evaluate, replicate, model) -> dict:
+    """--eval_only: test bits/dim of the workdir's latest checkpoint."""
+    state = restore(ckpt["arrays"], state_template(cfg, None, model["init"]), ckpt["path"])
+    test_bpd = evaluate(replicate(state), run_keys(jax.random.wrap_key_data(state["rng"]))["eval"])
+    step = ckpt["meta"]["step"]
+    print(f"step {step} | test {test_bpd:.4f} bpd", flush=True)
+    return {"step": step, "test_bpd": test_bpd}
 
+
+def initial_params(f: dict, cfg: jet.Config, train: np.ndarray, model) -> tuple:
+    """A new run's (params, perms, rng): random init from the seed, or --init_from another
+    run; a model with "data_init" then initialises from the first training batch."""
+    rng = jax.random.key_data(jax.random.key(f["seed"]))
+    if f.get("init_from"):
+        params, perms = load_params(f["init_from"], state_template(cfg, None, model["init"]),
+                                    cfg)
+        return params, perms, rng
+    key = run_keys(jax.random.wrap_key_data(rng))["init"]
+    params, perms = jax.jit(model["init"], static_argnums=1)(key, cfg)
+    if "data_init" in model:  # e.g. ActNorm: statistics of the first training batch
+        first = train[data.batch_indices(len(train), f["batch_size"], f["seed"], 0)]
+        params = model["data_init"](params, perms, jet.dequantize(key, first), cfg)
+    return params, perms, rng
+
+
+def initial_state(args, f, cfg, ckpt, train, put_batch, replicate, evaluate_both, start_time,
+                  model) -> dict:
+    """The state training starts from: restored from the checkpoint, or new. A new run with a
+    --time_budget first times this machine to fix its step count (stored in f)."""
+    if ckpt["meta"] is not None:
+        print(f"Resuming {args.workdir} at step {ckpt['meta']['step']}.", flush=True)
+        return restore(ckpt["arrays"], state_template(cfg, make_optimizer(f), model["init"]),
+                       ckpt["path"])
+    params, perms, rng = initial_params(f, cfg, train, model)
+    params, perms = replicate((params, perms))
     if "steps" not in f:  # --time_budget: measure this machine, then fix the step count
         plan = plan_steps(f, cfg, params, perms, train, put_batch, evaluate_both, start_time,
-                          dtype, model["forward"])
+                          model["forward"])
         f.update({k: v for k, v in plan.items() if k == "steps" or getattr(args, k) is None})
-    tx = make_optimizer(f)
-    if meta is not None:
-        state = restore(arrays, state_template(cfg, tx, model["init"]), ckpt_path)
-    else:
-        state = {"params": params, "perms": perms, "rng": rng, "opt_state": tx.init(params)}
-    del arrays
-    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))  # replicated
-    keys = run_keys(jax.random.wrap_key_data(state["rng"]))
-
-    flops = forward_flops(cfg)
-    print(json.dumps({"flags": f, "config": dataclasses.asdict(cfg)}), flush=True)
-    print(f"{num_params(state['params']):,} parameters | {flops / 1e9:.3f} GFLOP/image forward,"
-          f" ~{3 * flops / 1e9:.3f} to train | {n_dev} {jax.devices()[0].platform} device(s) | "
-          f"{len(train)} train / {len(test)} test images | {f['steps']} steps of "
-          f"{f['batch_size']}", flush=True)
-    is_main = jax.process_index() == 0
-    metrics_path = os.path.join(args.workdir, "metrics.jsonl")
-    if is_main:
-        os.makedirs(args.workdir, exist_ok=True)
-        keep_metrics_up_to(metrics_path, step)  # drop records of steps a crash has undone
-
-    def log(record):
-        if is_main:
-            with open(metrics_path, "a") as out:
-                out.write(json.dumps(record) + "\n")
-
-    def save(path, extra=None):
-        save_checkpoint(path, state, {
-            "format": CHECKPOINT_FORMAT, "model": model["name"], "step": step,
-            "config": dataclasses.asdict(cfg),
-            "flags": f, "data": {"seed": f["seed"], "next_batch": step},
-            "log_window": window, "best_test_bpd": best, **(extra or {})})
-
-    train_step = make_train_step(cfg, tx, bool(f["remat"]), dtype, model["forward"])
-    total, bs = f["steps"], f["batch_size"]
-    steps_per_epoch = data.steps_per_epoch(len(train), bs)
-    # Losses since the last log line; kept in checkpoints so a resumed run logs the same means.
-    window = [tuple(pair) for pair in (meta or {}).get("log_window", [])]
-    best = (meta or {}).get("best_test_bpd", math.inf)
-    test_bpd = train_eval_bpd = timer = prev = None
-    last_line, warned = time.time(), False
-    if step >= total:
-        print(f"{args.workdir} has finished its {total} steps; see --eval_only.", flush=True)
-    else:
-        print("Compiling the training step (the first step includes it)...", flush=True)
-    while step < total:
-        batch = put_batch(train[data.batch_indices(len(train), bs, f["seed"], step)])
-        state, out = train_step(state, batch, step, keys["noise"])
-        step += 1
-        # The previous step's loss is read while this one runs (no stall); the first step (it
-        # compiles, so timing starts after it) and every log/eval/checkpoint step are read at
-        # once, so no state with a non-finite loss is ever logged or written.
-        if prev:
-            window.append(check_finite(*prev, args.workdir))
-        prev = (step, out)
-        if timer is None or step == total or any(
-                step % f[n] == 0 for n in ("log_every", "eval_every", "ckpt_every")):
-            window.append(check_finite(*prev, args.workdir))
-            prev = None
-            if timer is None:
-                timer = (time.time(), step)
-                print(f"Step {step} done in {timer[0] - last_line:.1f} s, compilation "
-                      "included.", flush=True)
-        rate = (step - timer[1]) * bs / max(time.time() - timer[0], 1e-9)
-        eta = (total - step) * bs / rate if rate else math.inf
-        if (step % f["log_every"] == 0 or step == total) and window:
-            lr = f["lr"] * float(schedule(step - 1, total, round(f["warmup"] * total)))
-            losses, norms = zip(*window)
-            record = {"step": step, "epoch": step / steps_per_epoch,
-                      "train_bpd": float(np.mean(losses)), "lr": lr,
-                      "grad_norm": float(np.mean(norms)), "img_per_s": rate}
-            print(f"step {step}/{total} | epoch {record['epoch']:.2f} | train "
-                  f"{record['train_bpd']:.4f} bpd | lr {lr:.2e} | grad {record['grad_norm']:.3f}"
-                  f" | {rate:.1f} img/s | ETA {format_seconds(eta)}", flush=True)
-            log(record)
-            window, timer, last_line = [], (time.time(), step), time.time()
-        elif time.time() - last_line >= PROGRESS_SECONDS and window:  # stdout only
-            print(f"step {step}/{total} | train {np.mean([w[0] for w in window]):.4f} bpd "
-                  f"(last {len(window)} steps) | {rate:.1f} img/s | ETA {format_seconds(eta)}",
-                  flush=True)
-            last_line = time.time()
-        if not warned and step - timer[1] >= 3 and eta > 24 * 3600:
-            warned = True
-            cpu = CPU_PRESET.get(f["dataset"], "tiny")
-            print(f"WARNING: at {rate:.1f} img/s this run needs {format_seconds(eta)} more on "
-                  f"{n_dev} {jax.devices()[0].platform} device(s). On this machine use "
-                  f"--preset {cpu} (or --time_budget MINUTES).", flush=True)
-        if step % f["eval_every"] == 0 or step == total:
-            test_bpd, train_eval_bpd = evaluate_both(state, keys["eval"])
-            print(f"step {step}/{total} | test {test_bpd:.4f} bpd | train {train_eval_bpd:.4f} "
-                  f"bpd ({len(train_sample)} training images, same noise)", flush=True)
-            log({"step": step, "test_bpd": test_bpd, "train_eval_bpd": train_eval_bpd})
-            if is_main:
-                write_samples(os.path.join(args.workdir, f"samples_{step:07d}.png"), state, cfg,
-                              GRID, args.temperature, dtype, model["sample"])
-                if test_bpd < best:
-                    best = test_bpd
-                    save(os.path.join(args.workdir, "checkpoint_best.npz"),
-                         {"test_bpd": test_bpd})
-            timer, last_line = (time.time(), step), time.time()  # img/s counts training only
-        if (step % f["ckpt_every"] == 0 or step == total) and is_main:
-            save(ckpt_path)
-    return {"step": step, "test_bpd": test_bpd, "train_eval_bpd": train_eval_bpd}
-
-
-def format_seconds(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "unknown"
-    days, rest = divmod(int(seconds), 86400)
-    return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
+    return new_state(params, perms, make_optimizer(f), rng)
 
 
 def plan_steps(f, cfg, params, perms, train, put_batch, evaluate_both, start_time,
-               dtype, forward=jet.forward) -> dict:
+               forward=jet.forward) -> dict:
     """--time_budget: steps (and eval/checkpoint cadences) that fill the budget on this machine.
 
     Times a few training steps and one evaluation on a copy of the initial state, then
@@ -614,9 +602,8 @@ def plan_steps(f, cfg, params, perms, train, put_batch, evaluate_both, start_tim
     training slice, sample grid) + 5% margin = budget."""
     print(f"Timing this machine for --time_budget {f['time_budget']:g} min...", flush=True)
     tx = make_optimizer(f | {"steps": 10 ** 6})
-    step_fn = make_train_step(cfg, tx, bool(f["remat"]), dtype, forward)
-    copy = jax.tree.map(jnp.copy, (params, perms))
-    state = {"params": copy[0], "perms": copy[1], "opt_state": tx.init(copy[0])}
+    step_fn = make_train_step(cfg, tx, bool(f["remat"]), compute_dtype(f), forward)
+    state = new_state(*jax.tree.map(jnp.copy, (params, perms)), tx)
     key, bs = jax.random.key(0), f["batch_size"]
     t0 = time.time()
     state, out = step_fn(state, put_batch(train[:bs]), 0, key)
@@ -643,11 +630,153 @@ def plan_steps(f, cfg, params, perms, train, put_batch, evaluate_both, start_tim
             "ckpt_every": max(1, steps // 30), "log_every": max(1, steps // 100)}
 
 
+def print_header(f: dict, cfg: jet.Config, state: dict, n_train: int, n_test: int) -> None:
+    """The resolved settings as JSON, then sizes, FLOPs and devices on one line."""
+    flops = forward_flops(cfg)
+    print(json.dumps({"flags": f, "config": dataclasses.asdict(cfg)}), flush=True)
+    print(f"{num_params(state['params']):,} parameters | {flops / 1e9:.3f} GFLOP/image forward,"
+          f" ~{3 * flops / 1e9:.3f} to train | {jax.device_count()} "
+          f"{jax.devices()[0].platform} device(s) | {n_train} train / {n_test} test images | "
+          f"{f['steps']} steps of {f['batch_size']}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# The training loop and what it does at its cadences: log lines, evaluations, checkpoints
+
+
+def train_loop(args, f, cfg, state, meta, train, put_batch, evaluate_both, model) -> dict:
+    """Steps from the checkpoint's (or 0) to f["steps"]: one jitted update per batch, a log
+    line every --log_every steps (and a shorter one at least every PROGRESS_SECONDS), an
+    evaluation with a sample grid and the best checkpoint every --eval_every, a checkpoint
+    every --ckpt_every; each also at the last step."""
+    step, total = (meta or {}).get("step", 0), f["steps"]
+    train_step = make_train_step(cfg, make_optimizer(f), bool(f["remat"]), compute_dtype(f),
+                                 model["forward"])
+    keys = run_keys(jax.random.wrap_key_data(state["rng"]))
+    out = open_outputs(args.workdir, f, cfg, model, step) | {"temperature": args.temperature}
+    # Losses since the last log line; kept in checkpoints so a resumed run logs the same means.
+    log = {"window": [tuple(p) for p in (meta or {}).get("log_window", [])], "timer": None,
+           "last_line": time.time(), "warned": False, "pending": None,
+           "best": (meta or {}).get("best_test_bpd", math.inf),
+           "steps_per_epoch": data.steps_per_epoch(len(train), f["batch_size"])}
+    result = {"step": step, "test_bpd": None, "train_eval_bpd": None}
+    if step >= total:
+        print(f"{args.workdir} has finished its {total} steps; see --eval_only.", flush=True)
+    else:
+        print("Compiling the training step (the first step includes it)...", flush=True)
+    while step < total:
+        batch = put_batch(train[data.batch_indices(len(train), f["batch_size"], f["seed"], step)])
+        state, metrics = train_step(state, batch, step, keys["noise"])
+        step += 1
+        record_losses(log, f, step, metrics, args.workdir)
+        log_progress(log, f, step, out)
+        if step % f["eval_every"] == 0 or step == total:
+            result = evaluate_at(log, state, step, cfg, f, keys, evaluate_both, out, model)
+        if step % f["ckpt_every"] == 0 or step == total:
+            out["save"](out["checkpoint"], state, step, log)
+    return result | {"step": step}
+
+
+def open_outputs(workdir: str, f: dict, cfg: jet.Config, model, step: int) -> dict:
+    """What the loop writes, by process 0 only: metrics.jsonl records ("log") and checkpoints
+    ("save"); records of steps after `step` (written by an interrupted run) are dropped."""
+    is_main = jax.process_index() == 0
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        keep_metrics_up_to(metrics_path, step)
+
+    def write_record(record: dict) -> None:
+        if is_main:
+            with open(metrics_path, "a") as out:
+                out.write(json.dumps(record) + "\n")
+
+    def save(path: str, state: dict, step: int, log: dict, extra=None) -> None:
+        if is_main:
+            save_checkpoint(path, state, {
+                "format": CHECKPOINT_FORMAT, "model": model["name"], "step": step,
+                "config": dataclasses.asdict(cfg), "flags": f,
+                "data": {"seed": f["seed"], "next_batch": step},
+                "log_window": log["window"], "best_test_bpd": log["best"], **(extra or {})})
+    return {"record": write_record, "save": save, "is_main": is_main, "workdir": workdir,
+            "checkpoint": os.path.join(workdir, "checkpoint.npz")}
+
+
+def record_losses(log: dict, f: dict, step: int, metrics: dict, workdir: str) -> None:
+    """Adds a step's (loss, grad norm) to the log window. The previous step's values are read
+    while this step runs (no stall); the first step (it compiles, so timing starts after it)
+    and every step with a log, evaluation or checkpoint are read at once, so no state with a
+    non-finite loss is ever logged or written."""
+    if log["pending"]:
+        log["window"].append(check_finite(*log["pending"], workdir))
+    log["pending"] = (step, metrics)
+    if log["timer"] is None or step == f["steps"] or any(
+            step % f[n] == 0 for n in ("log_every", "eval_every", "ckpt_every")):
+        log["window"].append(check_finite(*log["pending"], workdir))
+        log["pending"] = None
+        if log["timer"] is None:
+            log["timer"] = (time.time(), step)
+            print(f"Step {step} done in {log['timer'][0] - log['last_line']:.1f} s, "
+                  "compilation included.", flush=True)
+
+
+def log_progress(log: dict, f: dict, step: int, out: dict) -> None:
+    """The --log_every line (stdout and metrics.jsonl), a shorter stdout line when
+    PROGRESS_SECONDS pass without one, and a warning if the run would take over a day."""
+    total, bs = f["steps"], f["batch_size"]
+    rate = (step - log["timer"][1]) * bs / max(time.time() - log["timer"][0], 1e-9)
+    eta = (total - step) * bs / rate if rate else math.inf
+    if (step % f["log_every"] == 0 or step == total) and log["window"]:
+        lr = f["lr"] * float(run_schedule(f)(step - 1))
+        losses, norms = zip(*log["window"])
+        epoch = step / log["steps_per_epoch"]
+        record = {"step": step, "epoch": epoch, "train_bpd": float(np.mean(losses)), "lr": lr,
+                  "grad_norm": float(np.mean(norms)), "img_per_s": rate}
+        print(f"step {step}/{total} | epoch {epoch:.2f} | train {record['train_bpd']:.4f} bpd"
+              f" | lr {lr:.2e} | grad {record['grad_norm']:.3f} | {rate:.1f} img/s | ETA "
+              f"{format_seconds(eta)}", flush=True)
+        out["record"](record)
+        log.update(window=[], timer=(time.time(), step), last_line=time.time())
+    elif time.time() - log["last_line"] >= PROGRESS_SECONDS and log["window"]:  # stdout only
+        print(f"step {step}/{total} | train {np.mean([w[0] for w in log['window']]):.4f} bpd "
+              f"(last {len(log['window'])} steps) | {rate:.1f} img/s | ETA "
+              f"{format_seconds(eta)}", flush=True)
+        log["last_line"] = time.time()
+    if not log["warned"] and step - log["timer"][1] >= 3 and eta > 24 * 3600:
+        log["warned"] = True
+        print(f"WARNING: at {rate:.1f} img/s this run needs {format_seconds(eta)} more on "
+              f"{jax.device_count()} {jax.devices()[0].platform} device(s). On this machine "
+              f"use --preset {CPU_PRESET.get(f['dataset'], 'tiny')} (or --time_budget "
+              "MINUTES).", flush=True)
+
+
+def evaluate_at(log, state, step, cfg, f, keys, evaluate_both, out, model) -> dict:
+    """Test and training-slice bits/dim (same noise), a sample grid, and checkpoint_best.npz
+    when the test figure is the best so far."""
+    test_bpd, train_eval_bpd = evaluate_both(state, keys["eval"])
+    print(f"step {step}/{f['steps']} | test {test_bpd:.4f} bpd | train {train_eval_bpd:.4f} "
+          f"bpd (a fixed slice of the training set, same noise)", flush=True)
+    out["record"]({"step": step, "test_bpd": test_bpd, "train_eval_bpd": train_eval_bpd})
+    if out["is_main"]:
+        write_samples(os.path.join(out["workdir"], f"samples_{step:07d}.png"), state, cfg,
+                      GRID, out["temperature"], compute_dtype(f), model["sample"])
+        if test_bpd < log["best"]:
+            log["best"] = test_bpd
+            out["save"](os.path.join(out["workdir"], "checkpoint_best.npz"), state, step, log,
+                        {"test_bpd": test_bpd})
+    log.update(timer=(time.time(), step), last_line=time.time())  # img/s counts training only
+    return {"test_bpd": test_bpd, "train_eval_bpd": train_eval_bpd}
+
+
+# ------------------------------------------------------------------------------------------
+# Checks and bookkeeping
+
+
 def check_same_run(args, meta: dict, f: dict) -> jet.Config:
     """The checkpoint's Config, after checking that this command asks for the same run."""
     cfg = jet.Config(**meta["config"])
-    asked = jet.Config(**{**meta["config"], **{k: v for k, v in vars(args).items()
-                                                if k in MODEL_FLAGS and v is not None}})
+    asked = jet.Config(**{**meta["config"], **{
+        k: v for k, v in vars(args).items() if k in MODEL_FLAGS and v is not None}})
     changed = {k: (meta["flags"].get(k), f.get(k)) for k in RECIPE_FLAGS
                if meta["flags"].get(k) != f.get(k)}
     if asked != cfg or changed:
