@@ -495,7 +495,7 @@ def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config, compute_d
 # ---- Likelihood: uniform dequantization and bits per dimension ---------------------------
 
 def dequantize(key: jax.Array, images: jax.Array) -> jax.Array:
-    """uint8 [B, H, W, C] -> float32 in [-1, 1): x = q/127.5 - 1 + u, u ~ U[0, 1/127.5).
+    """uint8 [B, H, W, C] -> float32 x = q/127.5 - 1 + u, u ~ U[0, 1/127.5): x in [-1, 1 + 1/127.5).
 
     Integer q owns the cell [q/127.5 - 1, (q+1)/127.5 - 1) of width 1/127.5. A density p on x
     gives q the probability P(q) = integral of p over its cell, and fitting p to the noisy x

@@ -51,7 +51,7 @@ ALL_SIX = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv", "hstr
 PRESETS = {
     # CPU run of a few minutes: 64 tokens of 48 dims, 12 narrow couplings. Depth matters more
     # than width here: a coupling can at most double a dim (k = 2), i.e. gain 1 bit, so 4 wide
-    # couplings plateau near 6.4 bpd where 12 narrow ones keep improving (README has figures).
+    # couplings plateau near 6.4 bpd where 12 narrow ones keep improving.
     "tiny": dict(patch_size=4, depth=12, block_depth=1, emb_dim=32, num_heads=2, batch_size=64,
                  steps=500, lr=1e-3, log_every=25, eval_every=250, ckpt_every=100,
                  remat=True),
@@ -76,7 +76,7 @@ PRESETS = {
 PRESETS["imagenet32"] = PRESETS["cifar10"] | dict(batch_size=1024, epochs=40)
 # CPU presets: sized by wall time (--time_budget) rather than steps. 24 couplings of width 32
 # won a 7-minute comparison on a held-out slice of the CIFAR-10 training set against 12x32,
-# 16x48, 16x64 and 32x32 (README). Their cadences apply with an explicit --steps; a time
+# 16x48, 16x64 and 32x32 (docs/cpu-preset.md). Their cadences apply with an explicit --steps; a time
 # budget sets its own (plan_steps). No remat: memory is not what limits a CPU run.
 PRESETS["cpu"] = dict(patch_size=4, depth=24, block_depth=1, emb_dim=32, num_heads=2,
                       batch_size=64, time_budget=30, lr=1e-3, remat=False, log_every=50,
