@@ -349,6 +349,26 @@ def load(name: str, data_dir: str | None = None, *, url: str | None = None,
     raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(NAMES)}.")
 
 
+VALIDATION_SEED = 2412_15129  # fixed, whatever the run's --seed: every run holds out the same set
+
+
+def validation_split(dataset: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Holds out n training examples: the last n of a fixed permutation of the training set
+    become "validation" / "validation_labels"; "train" / "train_labels" keep the others, in
+    their original order. Test arrays are unchanged. For tuning without touching the test set."""
+    count = len(dataset["train"])
+    if not 1 <= n < count:
+        raise DataError(f"a validation split of {n} examples needs 1 <= n < {count} (the "
+                        f"training set's size); choose a smaller --validation.")
+    order = np.random.default_rng(VALIDATION_SEED).permutation(count)
+    keep, held = np.sort(order[:-n]), order[-n:]
+    out = dict(dataset)
+    for name in ("train", "train_labels"):
+        out[name.replace("train", "validation")] = dataset[name][held]
+        out[name] = dataset[name][keep]
+    return out
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Number of full batches in one pass over the data; the remainder is dropped."""
     if not 1 <= batch_size <= num_examples:

@@ -435,3 +435,28 @@ def test_drop_remainder_and_epoch_boundary():
 def test_invalid_batch_arguments_raise(n, batch_size, seed, step):
     with pytest.raises(data.DataError):
         data.batch_indices(n, batch_size, seed, step)
+
+
+@hypothesis.given(st.integers(2, 80), st.data())
+def test_validation_split_partitions_the_training_set(size, draw):
+    """The held-out examples and the remaining training examples partition the training set,
+    labels stay with their images, the split depends on nothing but the set's size and n (so
+    every run holds out the same examples), and the test set is untouched."""
+    n = draw.draw(st.integers(1, size - 1))
+    ids = np.arange(size)
+    dataset = {"train": ids[:, None, None, None], "train_labels": ids * 10,
+               "test": np.zeros((3, 1, 1, 1)), "test_labels": np.zeros(3)}
+    out = data.validation_split(dataset, n)
+    kept, held = out["train"].ravel(), out["validation"].ravel()
+    assert len(held) == n and sorted(np.concatenate([kept, held])) == list(ids)
+    assert list(kept) == sorted(kept)  # the others keep their order
+    np.testing.assert_array_equal(out["validation_labels"], held * 10)
+    np.testing.assert_array_equal(out["train_labels"], kept * 10)
+    assert out["test"] is dataset["test"]
+    np.testing.assert_array_equal(data.validation_split(dataset, n)["validation"], out["validation"])
+
+
+@pytest.mark.parametrize("n", [0, 5, -1])
+def test_validation_split_needs_examples_left_to_train_on(n):
+    with pytest.raises(data.DataError, match="--validation"):
+        data.validation_split({"train": np.zeros((5, 1, 1, 1)), "train_labels": np.zeros(5)}, n)

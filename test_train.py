@@ -220,6 +220,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert meta["step"] == bad_step - 1
 
 
+def test_validation_split_is_evaluated_during_training_and_test_once(tmp_path):
+    """With --validation, evaluations during training report the held-out set and the
+    training slice; the test set is evaluated once, at the last step; the best checkpoint is
+    chosen by validation bits/dim; --eval_only reports both."""
+    argv = [*SMALL, "--dataset", "synthetic", "--steps", 6, "--eval_every", 3,
+            "--validation", 100, "--workdir", tmp_path]
+    run_train(*argv)
+    evals = [r for r in metrics(tmp_path) if "train_eval_bpd" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert "test_bpd" not in evals[0] and {"validation_bpd", "test_bpd"} <= set(evals[1])
+    best = json.loads(str(np.load(tmp_path / "checkpoint_best.npz")["meta"]))
+    assert best["validation_bpd"] == min(r["validation_bpd"] for r in evals)
+    out = run_train("--workdir", tmp_path, "--eval_only")
+    assert out["test_bpd"] == pytest.approx(evals[1]["test_bpd"], abs=1e-5)
+    assert out["validation_bpd"] == pytest.approx(evals[1]["validation_bpd"], abs=1e-5)
+
+
 def test_init_from_copies_params_and_perms_only(tmp_path, capsys):
     """--init_from starts a new run (step 0, fresh optimizer) from another run's params and
     permutations; a different model is refused."""

@@ -90,7 +90,7 @@ ACCELERATOR_PRESET = {"cifar10": "cifar10", "imagenet32": "imagenet32",
 CPU_PRESET = {"cifar10": "cpu", "imagenet32": "cpu", "imagenet64": "cpu",
               "mnist": "fashion_mnist_cpu", "fashion_mnist": "fashion_mnist_cpu"}
 RECIPE_FLAGS = ("dataset", "preset", "batch_size", "steps", "lr", "warmup", "weight_decay",
-                "clip", "b1", "b2", "seed")  # a resumed run must use the same values
+                "clip", "b1", "b2", "seed", "validation")  # a resumed run must use the same values
 PROGRESS_SECONDS = 30  # a stdout line at least this often, besides the --log_every lines
 GRID = 64  # samples in the grid written at every evaluation
 CHECKPOINT_FORMAT = "jet-train-checkpoint-v1"  # in every checkpoint's metadata
@@ -132,6 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--eval_every", type=int, help="steps between test evaluations (and sample grids)")
     a("--ckpt_every", type=int, help="steps between checkpoints")
     a("--eval_batch_size", type=int, help="batch for evaluation (default --batch_size)")
+    a("--validation", type=int, metavar="N", help="hold out N training images (the last N of a "
+      "fixed permutation): evaluations during training report their bits/dim and choose the "
+      "best checkpoint; the test set is evaluated once, at the end")
     a("--init_from", help="fine-tune: start from the params of this checkpoint or workdir")
     a("--sample", type=int, default=0, metavar="N",
       help="write a grid of N samples from the latest checkpoint and exit")
@@ -188,8 +191,8 @@ def validate(f: dict) -> None:
                                       and ok(value)):
             raise ValueError(f"--{name} must be {what}, got {value!r}.")
     for name in ("steps", "batch_size", "eval_batch_size", "log_every", "eval_every",
-                 "ckpt_every", "depth", "patch_size", "block_depth", "emb_dim", "num_heads",
-                 "mlp_dim"):
+                 "ckpt_every", "validation", "depth", "patch_size", "block_depth", "emb_dim",
+                 "num_heads", "mlp_dim"):
         check(name, lambda v: v == int(v) and v >= 1, "a positive integer")
     for name in ("epochs", "time_budget", "clip", "scale_factor"):
         check(name, lambda v: v > 0, "a positive number")
@@ -383,16 +386,32 @@ def make_train_step(cfg: jet.Config, tx, remat: bool, dtype=None, forward=jet.fo
     return train_step
 
 
-def make_evaluate(cfg: jet.Config, images: np.ndarray, batch_size: int, put_batch, dtype=None,
-                  forward=jet.forward):
-    """Mean bits/dim over all of `images` (last batch padded and masked), with the noise of
-    batch i fixed to fold_in(key, i) so the figure is reproducible."""
+def make_evaluators(cfg: jet.Config, sets: dict, f: dict, put_batch, forward) -> dict:
+    """name -> evaluate(state, key), the mean bits/dim of: "test"; "validation" (with
+    --validation); "train", a fixed slice of the training set as large as the held-out set (at
+    most 2,000 images), where overfitting shows. The noise of batch i is fold_in(key, i), so
+    every figure is reproducible."""
+    dtype = compute_dtype(f)
+
     @jax.jit
     def batch_sum(params, perms, batch, mask, key):
         x = jet.dequantize(key, batch)
         z, logdet = forward(params, perms, x, cfg, compute_dtype=dtype)
         return jnp.sum(jet.bits_per_dim(z, logdet) * mask)
 
+    held = sets.get("validation", sets["test"])
+    size = min(len(sets["train"]), len(held), 2000)
+    images = {"test": sets["test"],
+              "train": sets["train"][data.batch_indices(len(sets["train"]), size, f["seed"], 0)]}
+    if "validation" in sets:
+        images["validation"] = sets["validation"]
+    return {name: make_evaluate(batch_sum, x, f["eval_batch_size"], put_batch)
+            for name, x in images.items()}
+
+
+def make_evaluate(batch_sum, images: np.ndarray, batch_size: int, put_batch):
+    """Mean bits/dim over all of `images` (last batch padded and masked); batch_sum(params,
+    perms, batch, mask, key) is the masked bits/dim sum of one batch."""
     def evaluate(state, key) -> float:
         total, last_line = 0.0, time.time()
         for i in range(0, len(images), batch_size):
@@ -451,27 +470,17 @@ def run(args, model=JET) -> dict:
     f, cfg = run_settings(args, ckpt["meta"])
     if args.sample:
         return sample_command(args, f, cfg, ckpt, model)
-    train, test, cfg = load_data(f, cfg)
+    sets, cfg = load_data(f, cfg)
     put_batch, replicate = data_parallel(f)
-    evaluate = make_evaluate(cfg, test, f["eval_batch_size"], put_batch, compute_dtype(f),
-                             model["forward"])
+    evaluators = make_evaluators(cfg, sets, f, put_batch, model["forward"])
     if args.eval_only:
-        return eval_command(cfg, ckpt, evaluate, replicate, model)
-    # A fixed slice of the training set, evaluated beside the test set: overfitting shows.
-    train_slice = train[data.batch_indices(len(train), min(len(train), len(test), 2000),
-                                           f["seed"], 0)]
-    evaluate_train = make_evaluate(cfg, train_slice, f["eval_batch_size"], put_batch,
-                                   compute_dtype(f), model["forward"])
-
-    def evaluate_both(state, key) -> tuple[float, float]:  # (test bpd, training-slice bpd)
-        return evaluate(state, key), evaluate_train(state, key)
-
-    state = initial_state(args, f, cfg, ckpt, train, put_batch, replicate, evaluate_both,
+        return eval_command(cfg, ckpt, evaluators, replicate, model)
+    state = initial_state(args, f, cfg, ckpt, sets["train"], put_batch, replicate, evaluators,
                           start_time, model)
     del ckpt["arrays"]  # the host copy of a restored state is no longer needed
-    print_header(f, cfg, state, len(train), len(test))
-    return train_loop(args, f, cfg, replicate(state), ckpt["meta"], train, put_batch,
-                      evaluate_both, model)
+    print_header(f, cfg, state, sets)
+    return train_loop(args, f, cfg, replicate(state), ckpt["meta"], sets["train"], put_batch,
+                      evaluators, model)
 
 
 def open_checkpoint(args, model) -> dict:
@@ -513,12 +522,15 @@ def sample_command(args, f: dict, cfg: jet.Config, ckpt: dict, model) -> dict:
     return {"samples": path}
 
 
-def load_data(f: dict, cfg: jet.Config | None) -> tuple[np.ndarray, np.ndarray, jet.Config]:
-    """Training and test images, and the Config: built from the images' shape for a new run
-    (and the step count from --epochs), checked against them when resuming."""
-    dataset = data.load(f["dataset"], f.get("data_dir"), url=f.get("data_url"),
-                        md5=f.get("data_md5"))
-    train, test = dataset["train"], dataset["test"]
+def load_data(f: dict, cfg: jet.Config | None) -> tuple[dict, jet.Config]:
+    """The dataset's arrays ("train", "test", with --validation also "validation", and their
+    labels), and the Config: built from the images' shape for a new run (and the step count
+    from --epochs), checked against them when resuming."""
+    sets = data.load(f["dataset"], f.get("data_dir"), url=f.get("data_url"),
+                     md5=f.get("data_md5"))
+    if f.get("validation"):
+        sets = data.validation_split(sets, f["validation"])
+    train = sets["train"]
     if cfg is None:
         cfg = make_config(f, train.shape[1:])
         if "steps" not in f and not f.get("time_budget"):
@@ -527,7 +539,7 @@ def load_data(f: dict, cfg: jet.Config | None) -> tuple[np.ndarray, np.ndarray, 
     elif tuple(train.shape[1:]) != cfg.image_shape:
         raise ValueError(f"dataset {f['dataset']} has images {train.shape[1:]}, the checkpoint "
                          f"expects {cfg.image_shape}.")
-    return train, test, cfg
+    return sets, cfg
 
 
 def data_parallel(f: dict):
@@ -551,13 +563,19 @@ def data_parallel(f: dict):
     return put_batch, replicate
 
 
-def eval_command(cfg: jet.Config, ckpt: dict, evaluate, replicate, model) -> dict:
-    """--eval_only: test bits/dim of the workdir's latest checkpoint."""
+def eval_command(cfg: jet.Config, ckpt: dict, evaluators: dict, replicate, model) -> dict:
+    """--eval_only: test bits/dim of the workdir's latest checkpoint (and validation bits/dim
+    when the run holds out a validation set)."""
     state = restore(ckpt["arrays"], state_template(cfg, None, model["init"]), ckpt["path"])
-    test_bpd = evaluate(replicate(state), run_keys(jax.random.wrap_key_data(state["rng"]))["eval"])
-    step = ckpt["meta"]["step"]
-    print(f"step {step} | test {test_bpd:.4f} bpd", flush=True)
-    return {"step": step, "test_bpd": test_bpd}
+    key = run_keys(jax.random.wrap_key_data(state["rng"]))["eval"]
+    result = {"step": ckpt["meta"]["step"]}
+    for name in ("validation", "test"):
+        if name in evaluators:
+            result[f"{name}_bpd"] = evaluators[name](replicate(state), key)
+    print(f"step {result['step']} | " + " | ".join(
+        f"{k.removesuffix('_bpd')} {v:.4f} bpd" for k, v in result.items() if k != "step"),
+        flush=True)
+    return result
 
 
 def initial_params(f: dict, cfg: jet.Config, train: np.ndarray, model) -> tuple:
@@ -576,7 +594,7 @@ def initial_params(f: dict, cfg: jet.Config, train: np.ndarray, model) -> tuple:
     return params, perms, rng
 
 
-def initial_state(args, f, cfg, ckpt, train, put_batch, replicate, evaluate_both, start_time,
+def initial_state(args, f, cfg, ckpt, train, put_batch, replicate, evaluators, start_time,
                   model) -> dict:
     """The state training starts from: restored from the checkpoint, or new. A new run with a
     --time_budget first times this machine to fix its step count (stored in f)."""
@@ -587,19 +605,20 @@ def initial_state(args, f, cfg, ckpt, train, put_batch, replicate, evaluate_both
     params, perms, rng = initial_params(f, cfg, train, model)
     params, perms = replicate((params, perms))
     if "steps" not in f:  # --time_budget: measure this machine, then fix the step count
-        plan = plan_steps(f, cfg, params, perms, train, put_batch, evaluate_both, start_time,
+        plan = plan_steps(f, cfg, params, perms, train, put_batch, evaluators, start_time,
                           model["forward"])
         f.update({k: v for k, v in plan.items() if k == "steps" or getattr(args, k) is None})
     return new_state(params, perms, make_optimizer(f), rng)
 
 
-def plan_steps(f, cfg, params, perms, train, put_batch, evaluate_both, start_time,
+def plan_steps(f, cfg, params, perms, train, put_batch, evaluators, start_time,
                forward=jet.forward) -> dict:
     """--time_budget: steps (and eval/checkpoint cadences) that fill the budget on this machine.
 
     Times a few training steps and one evaluation on a copy of the initial state, then
-    budgets: time spent so far + compiling the real step + training + 6 evaluations (test and
-    training slice, sample grid) + 5% margin = budget."""
+    budgets: time spent so far + compiling the real step + training + 6 evaluations (held-out
+    set and training slice, sample grid; with --validation, the test set once more) + 5% margin
+    = budget."""
     print(f"Timing this machine for --time_budget {f['time_budget']:g} min...", flush=True)
     tx = make_optimizer(f | {"steps": 10 ** 6})
     step_fn = make_train_step(cfg, tx, bool(f["remat"]), compute_dtype(f), forward)
@@ -618,10 +637,12 @@ def plan_steps(f, cfg, params, perms, train, put_batch, evaluate_both, start_tim
                              n, key)
         jax.block_until_ready(out)
     step_s = (time.time() - t0) / (n - 1)
+    periodic = [evaluators[name] for name in periodic_sets(evaluators)]
     t0 = time.time()
-    evaluate_both({"params": params, "perms": perms}, key)  # compiles, then both sets
+    for evaluate in periodic:  # the first compiles
+        evaluate({"params": params, "perms": perms}, key)
     eval_s = time.time() - t0
-    evals = 6
+    evals = 6 + (len(evaluators) > 2)  # the test set at the end, after validation runs
     left = 0.95 * 60 * f["time_budget"] - (time.time() - start_time) - compile_s - evals * eval_s
     steps = max(evals, int(left / step_s))
     print(f"{step_s * 1e3:.0f} ms/step, {eval_s:.0f} s per evaluation, compilation "
@@ -630,13 +651,14 @@ def plan_steps(f, cfg, params, perms, train, put_batch, evaluate_both, start_tim
             "ckpt_every": max(1, steps // 30), "log_every": max(1, steps // 100)}
 
 
-def print_header(f: dict, cfg: jet.Config, state: dict, n_train: int, n_test: int) -> None:
+def print_header(f: dict, cfg: jet.Config, state: dict, sets: dict) -> None:
     """The resolved settings as JSON, then sizes, FLOPs and devices on one line."""
     flops = forward_flops(cfg)
     print(json.dumps({"flags": f, "config": dataclasses.asdict(cfg)}), flush=True)
     print(f"{num_params(state['params']):,} parameters | {flops / 1e9:.3f} GFLOP/image forward,"
           f" ~{3 * flops / 1e9:.3f} to train | {jax.device_count()} "
-          f"{jax.devices()[0].platform} device(s) | {n_train} train / {n_test} test images | "
+          f"{jax.devices()[0].platform} device(s) | {len(sets['train'])} train / "
+          f"{len(sets.get('validation', ()))} validation / {len(sets['test'])} test images | "
           f"{f['steps']} steps of {f['batch_size']}", flush=True)
 
 
@@ -644,7 +666,7 @@ def print_header(f: dict, cfg: jet.Config, state: dict, n_train: int, n_test: in
 # The training loop and what it does at its cadences: log lines, evaluations, checkpoints
 
 
-def train_loop(args, f, cfg, state, meta, train, put_batch, evaluate_both, model) -> dict:
+def train_loop(args, f, cfg, state, meta, train, put_batch, evaluators, model) -> dict:
     """Steps from the checkpoint's (or 0) to f["steps"]: one jitted update per batch, a log
     line every --log_every steps (and a shorter one at least every PROGRESS_SECONDS), an
     evaluation with a sample grid and the best checkpoint every --eval_every, a checkpoint
@@ -657,7 +679,7 @@ def train_loop(args, f, cfg, state, meta, train, put_batch, evaluate_both, model
     # Losses since the last log line; kept in checkpoints so a resumed run logs the same means.
     log = {"window": [tuple(p) for p in (meta or {}).get("log_window", [])], "timer": None,
            "last_line": time.time(), "warned": False, "pending": None,
-           "best": (meta or {}).get("best_test_bpd", math.inf),
+           "best": (meta or {}).get("best_bpd", (meta or {}).get("best_test_bpd", math.inf)),
            "steps_per_epoch": data.steps_per_epoch(len(train), f["batch_size"])}
     result = {"step": step, "test_bpd": None, "train_eval_bpd": None}
     if step >= total:
@@ -671,7 +693,7 @@ def train_loop(args, f, cfg, state, meta, train, put_batch, evaluate_both, model
         record_losses(log, f, step, metrics, args.workdir)
         log_progress(log, f, step, out)
         if step % f["eval_every"] == 0 or step == total:
-            result = evaluate_at(log, state, step, cfg, f, keys, evaluate_both, out, model)
+            result |= evaluate_at(log, state, step, cfg, f, keys, evaluators, out, model)
         if step % f["ckpt_every"] == 0 or step == total:
             out["save"](out["checkpoint"], state, step, log)
     return result | {"step": step}
@@ -697,7 +719,7 @@ def open_outputs(workdir: str, f: dict, cfg: jet.Config, model, step: int) -> di
                 "format": CHECKPOINT_FORMAT, "model": model["name"], "step": step,
                 "config": dataclasses.asdict(cfg), "flags": f,
                 "data": {"seed": f["seed"], "next_batch": step},
-                "log_window": log["window"], "best_test_bpd": log["best"], **(extra or {})})
+                "log_window": log["window"], "best_bpd": log["best"], **(extra or {})})
     return {"record": write_record, "save": save, "is_main": is_main, "workdir": workdir,
             "checkpoint": os.path.join(workdir, "checkpoint.npz")}
 
@@ -750,22 +772,37 @@ def log_progress(log: dict, f: dict, step: int, out: dict) -> None:
               "MINUTES).", flush=True)
 
 
-def evaluate_at(log, state, step, cfg, f, keys, evaluate_both, out, model) -> dict:
-    """Test and training-slice bits/dim (same noise), a sample grid, and checkpoint_best.npz
-    when the test figure is the best so far."""
-    test_bpd, train_eval_bpd = evaluate_both(state, keys["eval"])
-    print(f"step {step}/{f['steps']} | test {test_bpd:.4f} bpd | train {train_eval_bpd:.4f} "
-          f"bpd (a fixed slice of the training set, same noise)", flush=True)
-    out["record"]({"step": step, "test_bpd": test_bpd, "train_eval_bpd": train_eval_bpd})
+def periodic_sets(evaluators: dict) -> tuple[str, str]:
+    """The sets evaluated during training: the held-out set (validation if the run has one,
+    else test; it chooses the best checkpoint), then the training slice."""
+    return ("validation" if "validation" in evaluators else "test"), "train"
+
+
+def evaluate_at(log, state, step, cfg, f, keys, evaluators, out, model) -> dict:
+    """Held-out and training-slice bits/dim (same noise; with --validation, the test set too at
+    the last step), a sample grid, and checkpoint_best.npz when the held-out figure is the best
+    so far."""
+    held, _ = names = periodic_sets(evaluators)
+    if held != "test" and step == f["steps"]:
+        names += ("test",)
+    bpd = {name: evaluators[name](state, keys["eval"]) for name in names}
+    what = {"train": "a fixed slice of the training set, same noise", "test": "the test set, "
+            "evaluated once" if held != "test" else "", "validation": "held out of training"}
+    print(f"step {step}/{f['steps']} | " + " | ".join(
+        f"{name} {v:.4f} bpd" + (f" ({what[name]})" if what[name] else "")
+        for name, v in bpd.items()), flush=True)
+    record = {("train_eval_bpd" if name == "train" else f"{name}_bpd"): v
+              for name, v in bpd.items()}
+    out["record"]({"step": step} | record)
     if out["is_main"]:
         write_samples(os.path.join(out["workdir"], f"samples_{step:07d}.png"), state, cfg,
                       GRID, out["temperature"], compute_dtype(f), model["sample"])
-        if test_bpd < log["best"]:
-            log["best"] = test_bpd
+        if bpd[held] < log["best"]:
+            log["best"] = bpd[held]
             out["save"](os.path.join(out["workdir"], "checkpoint_best.npz"), state, step, log,
-                        {"test_bpd": test_bpd})
+                        {f"{held}_bpd": bpd[held]})
     log.update(timer=(time.time(), step), last_line=time.time())  # img/s counts training only
-    return {"test_bpd": test_bpd, "train_eval_bpd": train_eval_bpd}
+    return record
 
 
 # ------------------------------------------------------------------------------------------
