@@ -46,8 +46,9 @@ ROUND_TRIP_BOUND = 5e-5  # per coupling, relative to max(1, largest value): 10x 
 
 
 @st.composite
-def configs(draw, even_grid=False, max_depth=4):
-    """Small valid Configs covering every kind, projection, patch size and channel count."""
+def configs(draw, even_grid=False, max_depth=4, context_dims=st.none()):
+    """Small valid Configs covering every kind, projection, patch size and channel count;
+    context_dim drawn from `context_dims` (st.integers(1, 5): class-conditional Configs)."""
     C = draw(st.integers(1, 3))
     P = draw(st.sampled_from([p for p in (1, 2, 3, 4) if p * p * C % 2 == 0]))
     nh, nw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
@@ -65,7 +66,8 @@ def configs(draw, even_grid=False, max_depth=4):
         mlp_dim=draw(st.sampled_from([None, 12])),
         scale_factor=draw(st.floats(0.5, 4.0)), kinds=tuple(kinds),
         spatial_projs=tuple(draw(st.lists(st.sampled_from(balanced or ["checkerboard"]),
-                                          min_size=1, max_size=4))))
+                                          min_size=1, max_size=4))),
+        context_dim=draw(context_dims))
 
 
 def random_params(cfg, seed, dtype=np.float32):
@@ -78,11 +80,13 @@ def random_params(cfg, seed, dtype=np.float32):
     rng = np.random.default_rng(seed)
 
     def leaf(path, shape):
-        name = jax.tree_util.keystr(path)
-        if "scale" in name:  # layer norm
+        names = [k.key for k in path]
+        if "scale" in names:  # layer norm
             value = 1 + 0.1 * rng.normal(size=shape.shape)
-        elif "kernel" in name:  # attention kernels are [E, heads, head_dim] or [heads, head_dim, E]
-            fan_in = cfg.emb_dim if "attention" in name else shape.shape[-2]
+        elif "kernel" in names:  # attention: [E, heads, head_dim] or [heads, head_dim, E]
+            fan_in = cfg.emb_dim if any("attention" in n for n in names) else shape.shape[-2]
+            if names[0] == "context_attention" and names[1] in ("key", "value"):
+                fan_in = cfg.context_dim  # [C_ctx, heads, head_dim]
             value = rng.normal(size=shape.shape) / np.sqrt(fan_in)
         else:
             value = 0.3 * rng.normal(size=shape.shape)
@@ -93,6 +97,11 @@ def random_params(cfg, seed, dtype=np.float32):
 
 def images(key, cfg, batch=2, dtype=jnp.float32):
     return jax.random.uniform(key, (batch, *cfg.image_shape), dtype, -1.0, 1.0)
+
+
+def contexts(key, cfg, batch=2, tokens=2, dtype=jnp.float32):
+    """A context [batch, T_ctx, C_ctx] of arbitrary features, for a conditional cfg."""
+    return jax.random.normal(key, (batch, tokens, cfg.context_dim), dtype)
 
 
 # ------------------------------------------------------------------------------------------

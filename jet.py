@@ -13,8 +13,14 @@ Notation (used in every comment and name below):
   x1 x2  the two halves of a coupling's input; x1 passes through unchanged
   b s    bias and raw scale predicted from x1 by a ViT
   k      scale factor: y2 = (x2 + b(x1)) * sigmoid(s(x1)) * k
+  E      ViT width (emb_dim)
+  T_ctx  context tokens, C_ctx features per context token: a class-conditional model takes a
+         context [B, T_ctx, C_ctx] (the official trainer's: a one-hot label, T_ctx = 1,
+         C_ctx = classes), and then b, s = b(x1, context), s(x1, context)
 
-The flow z = f(x) patchifies x and applies `depth` couplings; z ~ N(0, I).
+The flow z = f(x) patchifies x and applies `depth` couplings; z ~ N(0, I). A conditional flow
+is a different bijection for each context (every coupling's ViT attends to it), with the same
+N(0, I) on z: its change of variables gives p(x | context).
 Every coupling sees N tokens of width D/2 (x1) and predicts N tokens of width D (b and s),
 whatever its kind, so all couplings share shapes and run under one `jax.lax.scan`.
 `plain_forward` / `plain_inverse` are the flow as the paper writes it; `forward` / `inverse`
@@ -53,6 +59,7 @@ class Config:
     kinds: tuple[str, ...] = ("channels", "channels", "spatial")  # cycled over couplings
     channel_projs: tuple[str, ...] = ("random",)  # cycled over channel couplings
     spatial_projs: tuple[str, ...] = ("checkerboard", "checkerboard-inv")  # cycled, spatial
+    context_dim: int | None = None  # C_ctx of a class-conditional model; None: unconditional
 
     def __post_init__(self):
         for name in ("image_shape", "kinds", "channel_projs", "spatial_projs"):
@@ -84,13 +91,15 @@ def _validate(cfg: Config) -> None:
         raise ValueError(f"Invalid jet.Config: {msg}")
 
     def positive(v):
-        return isinstance(v, int) and v > 0
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
     if len(cfg.image_shape) != 3 or not all(map(positive, cfg.image_shape)):
         fail(f"image_shape must be three positive ints (H, W, C), got {cfg.image_shape}.")
-    for name in ("patch_size", "depth", "block_depth", "emb_dim", "num_heads", "mlp_dim"):
+    for name in ("patch_size", "depth", "block_depth", "emb_dim", "num_heads", "mlp_dim",
+                 "context_dim"):
         value = getattr(cfg, name)
-        if not positive(value) and not (name == "mlp_dim" and value is None):
-            fail(f"{name} must be a positive int, got {value!r}.")
+        if not positive(value) and not (name in ("mlp_dim", "context_dim") and value is None):
+            optional = " or None" if name in ("mlp_dim", "context_dim") else ""
+            fail(f"{name} must be a positive int{optional}, got {value!r}.")
     if not (isinstance(cfg.scale_factor, (int, float)) and 0 < cfg.scale_factor < math.inf):
         fail(f"scale_factor must be a positive finite number, got {cfg.scale_factor!r}.")
     if cfg.emb_dim % cfg.num_heads:
@@ -251,39 +260,48 @@ def layer_norm(p, x, eps=1e-6):  # eps: flax nn.LayerNorm default
     return standardize(x, eps) * scale + bias
 
 
-def init_attention(key, emb_dim, num_heads, dtype=jnp.float32):
-    """Per-head projections shaped as flax MultiHeadDotProductAttention's: [E, heads, E/heads]."""
+def init_attention(key, emb_dim, num_heads, dtype=jnp.float32, kv_dim=None,
+                   kernel_init=_xavier_uniform, out_init=None):
+    """Per-head projections shaped as flax MultiHeadDotProductAttention's: query [E, heads,
+    E/heads], key and value [kv_dim, heads, E/heads] (kv_dim: the keys' and values' input width,
+    E for self-attention), out [heads, E/heads, E]; biases zero. Kernels are drawn as flax draws
+    them, on the flat [fan_in, fan_out] matrix; out_init defaults to kernel_init."""
     head_dim = emb_dim // num_heads
+    kv_dim = kv_dim or emb_dim
     keys = jax.random.split(key, 4)
 
-    def proj(k, shape):
-        return _xavier_uniform(k, (emb_dim, emb_dim), dtype).reshape(shape)  # flax: flat fans
-    p = {name: {"kernel": proj(k, (emb_dim, num_heads, head_dim)),
+    def proj(init, k, d_in, d_out, shape):
+        return init(k, (d_in, d_out), dtype).reshape(shape)
+    p = {name: {"kernel": proj(kernel_init, k, d_in, emb_dim, (d_in, num_heads, head_dim)),
                 "bias": jnp.zeros((num_heads, head_dim), dtype)}
-         for name, k in zip(("query", "key", "value"), keys)}
-    p["out"] = {"kernel": proj(keys[3], (num_heads, head_dim, emb_dim)),
+         for name, k, d_in in zip(("query", "key", "value"), keys, (emb_dim, kv_dim, kv_dim))}
+    p["out"] = {"kernel": proj(out_init or kernel_init, keys[3], emb_dim, emb_dim,
+                               (num_heads, head_dim, emb_dim)),
                 "bias": jnp.zeros((emb_dim,), dtype)}
     return p
 
 
-def attention(p, x):
-    """Multi-head self-attention, [B, N, E] -> [B, N, E]; query scaled by head_dim^-1/2."""
+def attention(p, x, kv=None):
+    """Multi-head attention, queries from x [B, N, E], keys and values from kv [B, T, C]
+    (self-attention when kv is None: kv = x) -> [B, N, E]; query scaled by head_dim^-1/2."""
     B, N, E = x.shape
+    kv = x if kv is None else kv
 
-    def heads(q):  # [B, N, E] -> [B, heads, N, head_dim]; heads-major keeps the matmuls fast
-        w = p[q]["kernel"]  # [E, heads, head_dim]
-        y = dense({"kernel": w.reshape(E, -1), "bias": p[q]["bias"].reshape(-1)}, x)
-        return y.reshape(B, N, *w.shape[1:]).transpose(0, 2, 1, 3)
-    q, k, v = heads("query"), heads("key"), heads("value")
+    def heads(name, v):  # [B, T, C] -> [B, heads, T, head_dim]; heads-major: fast matmuls
+        w = p[name]["kernel"]  # [C, heads, head_dim]
+        y = dense({"kernel": w.reshape(w.shape[0], -1), "bias": p[name]["bias"].reshape(-1)}, v)
+        return y.reshape(*v.shape[:2], *w.shape[1:]).transpose(0, 2, 1, 3)
+    q, k, v = heads("query", x), heads("key", kv), heads("value", kv)
     q = q / math.sqrt(q.shape[-1])
     mm = p["out"]["kernel"].dtype  # the matmul dtype
-    logits = matmul("bhqd,bhkd->bhqk", q, k.astype(mm))  # [B, h, N, N]
+    logits = matmul("bhqd,bhkd->bhqk", q, k.astype(mm))  # [B, h, N, T]
     # softmax(logits) @ v with the normalisation applied after the product (on [B, h, N, d],
-    # not [B, h, N, N]); the max shift cancels exactly, so it needs no gradient.
+    # not [B, h, N, T]); the max shift cancels exactly, so it needs no gradient.
     e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
     out = matmul("bhqk,bhkd->bhqd", e, v.astype(mm)) / e.sum(-1, keepdims=True)
-    out = out.transpose(0, 2, 1, 3).reshape(B, N, E)  # heads side by side again
-    return dense({"kernel": p["out"]["kernel"].reshape(E, E), "bias": p["out"]["bias"]}, out)
+    out = out.transpose(0, 2, 1, 3).reshape(B, N, -1)  # heads side by side again
+    w = p["out"]["kernel"]  # [heads, head_dim, E]
+    return dense({"kernel": w.reshape(-1, w.shape[-1]), "bias": p["out"]["bias"]}, out)
 
 
 def init_mlp(key, emb_dim, mlp_dim, dtype=jnp.float32):
@@ -319,20 +337,33 @@ def vit_block(p, x):
 
 def init_coupling_net(key, cfg: Config, dtype=jnp.float32):
     """Parameters of one coupling's ViT; the output layer is zero, so the coupling starts as
-    y2 = x2 * sigmoid(0) * k, which is the identity for the default k = 2."""
+    y2 = x2 * sigmoid(0) * k, which is the identity for the default k = 2. A conditional Config
+    adds `context_attention` (flax MultiHeadDotProductAttention's defaults: lecun_normal
+    kernels, zero biases; its output kernel zero as in big_vision, so the model starts as the
+    unconditional one)."""
     N, D, E = cfg.num_tokens, cfg.token_dim, cfg.emb_dim
     k_in, k_pos, k_blocks, k_out = jax.random.split(key, 4)
     block_keys = jax.random.split(k_blocks, cfg.block_depth)
-    return {"init_proj": init_dense(k_in, D // 2, E, dtype=dtype),
-            "posemb": jax.random.normal(k_pos, (N, E), dtype) / math.sqrt(E),
-            "blocks": jax.vmap(lambda k: init_vit_block(k, cfg, dtype))(block_keys),
-            "encoder_norm": init_layer_norm(E, dtype),
-            "final_proj": init_dense(k_out, E, D, jax.nn.initializers.zeros, dtype=dtype)}
+    p = {"init_proj": init_dense(k_in, D // 2, E, dtype=dtype),
+         "posemb": jax.random.normal(k_pos, (N, E), dtype) / math.sqrt(E),
+         "blocks": jax.vmap(lambda k: init_vit_block(k, cfg, dtype))(block_keys),
+         "encoder_norm": init_layer_norm(E, dtype),
+         "final_proj": init_dense(k_out, E, D, jax.nn.initializers.zeros, dtype=dtype)}
+    if cfg.context_dim:
+        k_ctx = jax.random.fold_in(key, 4)  # a fifth key: the four above, and so the other
+        # parameters, stay those of the unconditional model
+        p["context_attention"] = init_attention(k_ctx, E, cfg.num_heads, dtype, cfg.context_dim,
+                                                _lecun_normal, jax.nn.initializers.zeros)
+    return p
 
 
-def coupling_net(p, x1):
-    """Dense + position embedding, `block_depth` ViT blocks, LN, Dense to (b, s)."""
+def coupling_net(p, x1, context=None):
+    """Dense + position embedding, [the patches attending to the context], `block_depth` ViT
+    blocks, LN, Dense to (b, s). The context attention is big_vision's DNN's: a residual, with
+    no LayerNorm before it."""
     h = dense(p["init_proj"], x1) + p["posemb"][None]  # [B, N, E]
+    if context is not None:  # keys and values from context [B, T_ctx, C_ctx]
+        h = h + attention(p["context_attention"], h, context)
     for i in range(p["blocks"]["ln1"]["scale"].shape[0]):  # unrolled: few, and faster
         h = vit_block(jax.tree.map(lambda a: a[i], p["blocks"]), h)
     out = dense(p["final_proj"], layer_norm(p["encoder_norm"], h))  # [B, N, D]
@@ -348,35 +379,36 @@ def coupling_scale(s, k):
     return jax.nn.sigmoid(s) * k, logdet
 
 
-def affine_forward(p, x1, x2, k, net=coupling_net):
+def affine_forward(p, x1, x2, k, net=coupling_net, context=None):
     """The coupling's equation on the halves [B, N, D/2]: y2 = (x2 + b(x1)) * sigmoid(s(x1)) * k;
-    returns y2 and log|det dy/dx| [B]. `net` maps x1 to (b, s): the ViT, or any other network
-    with that interface (ablate.py's CNN); any such net keeps the coupling invertible."""
-    b, s = net(p, x1)
+    returns y2 and log|det dy/dx| [B]. `net` maps x1 (and the context, when one is given) to
+    (b, s): the ViT, or any other network with that interface (ablate.py's CNN); any such net
+    keeps the coupling invertible."""
+    b, s = net(p, x1) if context is None else net(p, x1, context)
     scale, logdet = coupling_scale(s, k)
     return (x2 + b) * scale, logdet
 
 
-def affine_inverse(p, y1, y2, k, net=coupling_net):
-    """x2 = y2 / (sigmoid(s(y1)) * k) - b(y1), and log|det dx/dy| [B]. y1 = x1, so b and s are
-    exactly the forward's."""
-    b, s = net(p, y1)
+def affine_inverse(p, y1, y2, k, net=coupling_net, context=None):
+    """x2 = y2 / (sigmoid(s(y1)) * k) - b(y1), and log|det dx/dy| [B]. y1 = x1 and the context
+    is the same, so b and s are exactly the forward's."""
+    b, s = net(p, y1) if context is None else net(p, y1, context)
     scale, logdet = coupling_scale(s, k)
     return y2 / scale - b, -logdet
 
 
-def coupling_forward(p, index, x, k, net=coupling_net):
+def coupling_forward(p, index, x, k, net=coupling_net, context=None):
     """One coupling, [B, N, D] -> y [B, N, D], log|det dy/dx| [B]. `forward` runs the same
     couplings with each merge and the next split fused into one gather."""
     x1, x2 = split(x, index)
-    y2, logdet = affine_forward(p, x1, x2, k, net)
+    y2, logdet = affine_forward(p, x1, x2, k, net, context)
     return merge(x1, y2, index), logdet
 
 
-def coupling_inverse(p, index, y, k, net=coupling_net):
+def coupling_inverse(p, index, y, k, net=coupling_net, context=None):
     """[B, N, D] -> x [B, N, D], log|det dx/dy| [B] (= minus the forward's)."""
     y1, y2 = split(y, index)
-    x2, logdet = affine_inverse(p, y1, y2, k, net)
+    x2, logdet = affine_inverse(p, y1, y2, k, net, context)
     return merge(y1, x2, index), logdet
 
 
@@ -391,7 +423,8 @@ def init(key: jax.Array, cfg: Config, dtype=jnp.float32) -> tuple[dict, jax.Arra
     return params, init_perms(k_perms, cfg)
 
 
-def _check_input(x, perms, cfg, name):
+def _check_input(x, perms, cfg, name, context=None):
+    """Raises ValueError, at trace time, for inputs that do not match the Config."""
     expected = (cfg.depth, cfg.num_tokens * cfg.token_dim)
     if x.ndim != 4 or tuple(x.shape[1:]) != cfg.image_shape:
         raise ValueError(f"{name} must be [B, H, W, C] with (H, W, C) = {cfg.image_shape} from "
@@ -399,6 +432,27 @@ def _check_input(x, perms, cfg, name):
     if tuple(perms.shape) != expected:
         raise ValueError(f"perms has shape {tuple(perms.shape)} but this Config needs "
                          f"{expected}; were they made for another Config?")
+    _check_context(context, x.shape[0], cfg)
+
+
+def _check_context(context, batch, cfg):
+    C = cfg.context_dim
+    if C is None:
+        if context is not None:
+            raise ValueError("A context was given but this Config is unconditional "
+                             "(context_dim=None); set Config.context_dim to the context's "
+                             "feature size C_ctx, or call without a context.")
+        return
+    if context is None:
+        raise ValueError(f"This Config is class-conditional (context_dim={C}): pass "
+                         f"context=[B, T_ctx, {C}], e.g. jax.nn.one_hot(labels, {C})[:, None].")
+    shape = tuple(context.shape)
+    if len(shape) != 3 or shape[0] != batch or shape[1] < 1 or shape[2] != C:
+        raise ValueError(f"context must be [B, T_ctx, C_ctx] = [{batch}, T_ctx >= 1, {C}] "
+                         f"(B from the images, C_ctx = Config.context_dim), got shape {shape}.")
+    if not jnp.issubdtype(context.dtype, jnp.floating):
+        raise ValueError(f"context must be floating point, got {context.dtype}; for labels "
+                         f"use jax.nn.one_hot(labels, {C})[:, None].")
 
 
 def remat_policy(remat: bool):
@@ -409,31 +463,36 @@ def remat_policy(remat: bool):
 
 
 def plain_forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config,
-                  coupling=coupling_forward, remat: bool = False):
+                  coupling=coupling_forward, remat: bool = False, context=None):
     """The flow as the paper writes it: x [B, H, W, C] -> z [B, H, W, C], log|det dz/dx| [B].
 
     patchify, then coupling i (parameters params[i], split index perms[i]) for i = 0 .. depth-1,
     then unpatchify; the log-det of the composition is the sum of the couplings' log-dets.
     `coupling(p, index, h, k) -> (y, logdet)` is one coupling; pass
-    functools.partial(coupling_forward, net=...) to use another coupling network."""
-    _check_input(x, perms, cfg, "x")
+    functools.partial(coupling_forward, net=...) to use another coupling network. A
+    conditional Config needs context [B, T_ctx, C_ctx], which every coupling receives as
+    `coupling(..., context=context)`."""
+    _check_input(x, perms, cfg, "x", context)
+    extra = {} if context is None else {"context": context}  # couplings without one: ablate.py
 
     def step(h, layer):  # one coupling on h [B, N, D]
         p, index = layer
-        return coupling(p, index, h, cfg.scale_factor)
+        return coupling(p, index, h, cfg.scale_factor, **extra)
     step = jax.checkpoint(step, policy=remat_policy(remat))
     h, logdets = jax.lax.scan(step, patchify(x, cfg.patch_size), (params, perms))  # [depth, B]
     return unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
 
 
 def plain_inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config,
-                  coupling=coupling_inverse):
-    """x = f^-1(z), log|det dx/dz| [B]: the inverse couplings, last first."""
-    _check_input(z, perms, cfg, "z")
+                  coupling=coupling_inverse, context=None):
+    """x = f^-1(z), log|det dx/dz| [B]: the inverse couplings, last first, each given the
+    same context as in plain_forward."""
+    _check_input(z, perms, cfg, "z", context)
+    extra = {} if context is None else {"context": context}
 
     def step(h, layer):
         p, index = layer
-        return coupling(p, index, h, cfg.scale_factor)
+        return coupling(p, index, h, cfg.scale_factor, **extra)
     h, logdets = jax.lax.scan(step, patchify(z, cfg.patch_size), (params, perms), reverse=True)
     return unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
 
@@ -456,19 +515,22 @@ def chain_indices(perms: jax.Array) -> tuple[jax.Array, jax.Array]:
     return perms[0], jnp.concatenate([between, inverse[-1:]], axis=0)
 
 
-def _couplings(affine, params, perms, x, cfg, reverse, remat, compute_dtype):
+def _couplings(affine, params, perms, x, cfg, reverse, remat, compute_dtype, context):
     """patchify, the couplings in order (reverse: last first), unpatchify. The state is kept
     flat in the split order of the coupling about to run (see chain_indices), as [N*D, B]:
-    each gather then moves rows of B values, and so does its gradient, a scatter."""
+    each gather then moves rows of B values, and so does its gradient, a scatter. The context
+    is the same for every coupling: a constant of the scan."""
     B, N = x.shape[0], cfg.num_tokens
     first, moves = chain_indices(perms[::-1] if reverse else perms)
     h = jnp.take(patchify(x, cfg.patch_size).reshape(B, -1).T, first, axis=0)
+    if compute_dtype and context is not None:  # an input of the ViT's matmuls, as its weights
+        context = context.astype(compute_dtype)
 
     def step(h, layer):  # h = x1 then x2 of this coupling; y1 = x1 is never touched
         p, move = layer
         if compute_dtype:  # bf16 mode: the ViT's weights, hence its matmuls, in compute_dtype
             p = jax.tree.map(lambda a: a.astype(compute_dtype), p)
-        y2, logdet = affine(p, *halves(h.T, N), cfg.scale_factor)
+        y2, logdet = affine(p, *halves(h.T, N), cfg.scale_factor, context=context)
         y = jnp.concatenate([h[:h.shape[0] // 2], y2.reshape(B, -1).T], axis=0)
         return jnp.take(y, move, axis=0), logdet
     step = jax.checkpoint(step, policy=remat_policy(remat))
@@ -477,19 +539,32 @@ def _couplings(affine, params, perms, x, cfg, reverse, remat, compute_dtype):
     return unpatchify(h.T.reshape(B, N, -1), cfg.patch_size, cfg.image_shape), logdets.sum(0)
 
 
+def _check_params(params, cfg):
+    if (cfg.context_dim is None) == ("context_attention" in params):
+        have = "have" if "context_attention" in params else "lack"
+        raise ValueError(f"params {have} `context_attention` but the Config has context_dim="
+                         f"{cfg.context_dim}; were they made by jet.init with another Config?")
+
+
 def forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config, remat: bool = False,
-            compute_dtype=None):
+            compute_dtype=None, context=None):
     """x [B, H, W, C] in [-1, 1] -> z [B, H, W, C], log|det dz/dx| [B]. remat: see
     remat_policy. compute_dtype=jnp.bfloat16 runs the ViT matmuls in bfloat16; the coupling
-    arithmetic and log-det stay in the parameters' dtype, so f stays invertible."""
-    _check_input(x, perms, cfg, "x")
-    return _couplings(affine_forward, params, perms, x, cfg, False, remat, compute_dtype)
+    arithmetic and log-det stay in the parameters' dtype, so f stays invertible. A conditional
+    Config (context_dim set) needs context [B, T_ctx, C_ctx]; an unconditional one, none."""
+    _check_input(x, perms, cfg, "x", context)
+    _check_params(params, cfg)
+    return _couplings(affine_forward, params, perms, x, cfg, False, remat, compute_dtype,
+                      context)
 
 
-def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config, compute_dtype=None):
-    """z [B, H, W, C] -> x [B, H, W, C], log|det dx/dz| [B]; couplings in reverse order."""
-    _check_input(z, perms, cfg, "z")
-    return _couplings(affine_inverse, params, perms, z, cfg, True, False, compute_dtype)
+def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config, compute_dtype=None,
+            context=None):
+    """z [B, H, W, C] -> x [B, H, W, C], log|det dx/dz| [B]; couplings in reverse order, each
+    given the same context as in forward."""
+    _check_input(z, perms, cfg, "z", context)
+    _check_params(params, cfg)
+    return _couplings(affine_inverse, params, perms, z, cfg, True, False, compute_dtype, context)
 
 
 # ---- Likelihood: uniform dequantization and bits per dimension ---------------------------
@@ -525,12 +600,13 @@ def bits_per_dim(z: jax.Array, logdet: jax.Array) -> jax.Array:
 # ---- Sampling ----------------------------------------------------------------------------
 
 def sample(params: dict, perms: jax.Array, key: jax.Array, n: int, cfg: Config,
-           temperature: float = 1.0, compute_dtype=None) -> jax.Array:
+           temperature: float = 1.0, compute_dtype=None, context=None) -> jax.Array:
     """n images, uint8 [n, H, W, C]: z ~ N(0, T^2 I), x = f^-1(z) in one parallel pass, then
-    `quantize`d (clipped: flows put some mass outside [-1, 1])."""
+    `quantize`d (clipped: flows put some mass outside [-1, 1]). A conditional model samples
+    image i given context[i], context [n, T_ctx, C_ctx] (e.g. one-hot classes)."""
     dtype = jax.tree.leaves(params)[0].dtype
     z = temperature * jax.random.normal(key, (n, *cfg.image_shape), dtype)
-    x, _ = inverse(params, perms, z, cfg, compute_dtype)
+    x, _ = inverse(params, perms, z, cfg, compute_dtype, context)
     return quantize(x)
 
 

@@ -5,6 +5,7 @@ Run: pytest -q  (conftest.py makes silent rank promotion an error and configures
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import pathlib
@@ -15,16 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 
 import jet
 import official
-from conftest import ROUND_TRIP_BOUND, configs, images, random_params
+from conftest import ROUND_TRIP_BOUND, configs, contexts, images, random_params
 
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
 GOLDEN = sorted(TESTDATA.glob("big_vision_jet_*.npz"))
 
 SMALL = jet.Config(image_shape=(8, 8, 3), patch_size=2, depth=3, emb_dim=16, num_heads=2)
+SMALL_CTX = dataclasses.replace(SMALL, context_dim=4)  # class-conditional, e.g. 4 classes
 
 # Compiled once per (Config, shape); eager execution would re-trace the scans on every call.
 init = jax.jit(jet.init, static_argnums=(1, 2))
@@ -163,14 +165,15 @@ def test_standardize_closed_form_derivative_is_autodiffs(x64, rows, width, offse
 # The flow is a bijection with the right log-determinant
 
 
-def round_trip(params, perms, cfg, x, z, compute_dtype=None):
+def round_trip(params, perms, cfg, x, z, compute_dtype=None, context=None):
     """Errors of x -> f -> f^-1 and of z -> f^-1 -> f, each divided by depth * max(1, largest
     value the trip passes through): float32 loses precision in proportion to magnitude, and
     every coupling adds its rounding. Also returns both pairs of log-dets."""
-    fx, logdet = forward(params, perms, x, cfg, compute_dtype=compute_dtype)
-    x_back, logdet_back = inverse(params, perms, fx, cfg, compute_dtype=compute_dtype)
-    iz, inv_logdet = inverse(params, perms, z, cfg, compute_dtype=compute_dtype)
-    z_back, inv_logdet_back = forward(params, perms, iz, cfg, compute_dtype=compute_dtype)
+    kw = dict(compute_dtype=compute_dtype, context=context)
+    fx, logdet = forward(params, perms, x, cfg, **kw)
+    x_back, logdet_back = inverse(params, perms, fx, cfg, **kw)
+    iz, inv_logdet = inverse(params, perms, z, cfg, **kw)
+    z_back, inv_logdet_back = forward(params, perms, iz, cfg, **kw)
 
     def error(got, want, through):
         scale = max(1.0, float(jnp.abs(want).max()), float(jnp.abs(through).max()))
@@ -210,17 +213,17 @@ def test_invertible_in_bfloat16_mode(cfg, seed):
     assert float(jnp.abs(z_bf16 - forward(params, perms, x, cfg)[0]).max()) > 0
 
 
-def check_logdet_against_jacobian(cfg, seed, compute_dtype=None):
+def check_logdet_against_jacobian(cfg, seed, compute_dtype=None, context=None):
     """logdet = log|det J| with J = jax.jacfwd of the map, in float64, forward and inverse."""
     params, perms = random_params(cfg, seed, np.float64)
     x = images(jax.random.key(seed), cfg, batch=1, dtype=jnp.float64)
+    kw = dict(compute_dtype=compute_dtype, context=context)
     for fn in (forward, inverse):
         def flat_map(v):
-            return fn(params, perms, v.reshape(x.shape), cfg,
-                      compute_dtype=compute_dtype)[0].reshape(-1)
+            return fn(params, perms, v.reshape(x.shape), cfg, **kw)[0].reshape(-1)
         jacobian = jax.jit(jax.jacfwd(flat_map))(x.reshape(-1))
         sign, expected = jnp.linalg.slogdet(jacobian)
-        _, logdet = fn(params, perms, x, cfg, compute_dtype=compute_dtype)
+        _, logdet = fn(params, perms, x, cfg, **kw)
         assert sign != 0
         np.testing.assert_allclose(logdet[0], expected, rtol=1e-9, atol=1e-9)
 
@@ -334,6 +337,116 @@ def test_training_step_gives_finite_gradients_and_leaves_perms_alone():
 
 
 # ------------------------------------------------------------------------------------------
+# Class conditioning: every coupling's ViT also attends to a context [B, T_ctx, C_ctx]
+
+# Each drawn configuration compiles its own programs: few examples keep the fast tier fast,
+# and the test of the official formulation draws conditional configurations too.
+CONDITIONAL = configs(context_dims=st.integers(1, 5))
+TOKENS = st.integers(1, 3)  # T_ctx
+SEEDS = st.integers(0, 2 ** 31 - 1)
+
+
+@settings(max_examples=3)
+@given(CONDITIONAL, TOKENS, st.sampled_from([None, jnp.bfloat16]), SEEDS)
+def test_invertible_with_a_context(cfg, tokens, compute_dtype, seed):
+    """Given a context of arbitrary features, f is a bijection to ROUND_TRIP_BOUND (float32, or
+    with bfloat16 matmuls) and the inverse log-det is minus the forward one: b and s depend on
+    x1 and the context, which the inverse sees unchanged."""
+    k_x, k_z, k_c = jax.random.split(jax.random.key(seed), 3)
+    params, perms = random_params(cfg, seed)
+    x = images(k_x, cfg)
+    x_error, z_error, logdets = round_trip(params, perms, cfg, x, jax.random.normal(k_z, x.shape),
+                                           compute_dtype, contexts(k_c, cfg, tokens=tokens))
+    assert x_error <= ROUND_TRIP_BOUND and z_error <= ROUND_TRIP_BOUND
+    for back, expected in logdets:
+        np.testing.assert_allclose(back, expected, rtol=1e-5, atol=1e-3)
+
+
+@settings(max_examples=2)
+@given(configs(max_depth=2, context_dims=st.integers(1, 5)), TOKENS, SEEDS)
+def test_logdet_equals_slogdet_of_jacobian_with_a_context(x64, cfg, tokens, seed):
+    """Given a context, logdet = log|det dz/dx| (slogdet of the float64 autodiff Jacobian of
+    x -> z at that context), forward and inverse, every output layer random."""
+    key = jax.random.fold_in(jax.random.key(seed), 1)
+    context = contexts(key, cfg, batch=1, tokens=tokens, dtype=jnp.float64)
+    check_logdet_against_jacobian(cfg, seed, context=context)
+
+
+@settings(max_examples=2)
+@given(CONDITIONAL, TOKENS, SEEDS)
+def test_fast_path_equals_plain_flow_with_a_context(cfg, tokens, seed):
+    """forward and inverse, which hold the context as a constant of their fused scan, compute
+    the plain flow, which hands it to every coupling_forward (coupling_inverse)."""
+    params, perms = random_params(cfg, seed)
+    x = images(jax.random.key(seed), cfg)
+    context = contexts(jax.random.fold_in(jax.random.key(seed), 1), cfg, tokens=tokens)
+    for fast, plain in ((forward, plain_forward), (inverse, plain_inverse)):
+        out, logdet = fast(params, perms, x, cfg, context=context)
+        plain_out, plain_logdet = plain(params, perms, x, cfg, context=context)
+        np.testing.assert_allclose(out, plain_out, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(logdet, plain_logdet, rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=2)
+@given(CONDITIONAL, TOKENS, SEEDS)
+def test_examples_are_independent_of_their_batch_with_a_context(cfg, tokens, seed):
+    """Example i's z and logdet depend only on x[i] and context[i]: run alone, with its own
+    context, it gives what it gives in the batch (same float32 bound as without a context)."""
+    params, perms = random_params(cfg, seed)
+    x = images(jax.random.key(seed), cfg, batch=3)
+    context = contexts(jax.random.fold_in(jax.random.key(seed), 1), cfg, 3, tokens)
+    z, logdet = forward(params, perms, x, cfg, context=context)
+    for i in range(3):
+        zi, logdet_i = forward(params, perms, x[i:i + 1], cfg, context=context[i:i + 1])
+        bound = 2e-5 * cfg.depth * max(1.0, float(jnp.abs(z[i]).max()))
+        np.testing.assert_allclose(zi[0], z[i], rtol=0, atol=bound)
+        np.testing.assert_allclose(logdet_i[0], logdet[i], rtol=1e-5, atol=1e-4)
+
+
+def test_conditional_model_at_init_is_the_unconditional_one():
+    """jet.init of a conditional Config, with the unconditional one's key, draws the same
+    parameters and perms plus `context_attention` (flax MultiHeadDotProductAttention's
+    defaults: lecun_normal query, key and value kernels, zero biases; its output kernel zero,
+    as big_vision's). So, whatever the rest of the model, its map ignores the context: it is
+    the unconditional map, until training moves the output kernel."""
+    params, perms = init(jax.random.key(1), SMALL)
+    params_ctx, perms_ctx = init(jax.random.key(1), SMALL_CTX)
+    np.testing.assert_array_equal(perms_ctx, perms)
+    added = params_ctx["context_attention"]
+    rest = {name: p for name, p in params_ctx.items() if name != "context_attention"}
+    jax.tree.map(np.testing.assert_array_equal, rest, params)
+    E, heads, C = SMALL.emb_dim, SMALL.num_heads, SMALL_CTX.context_dim
+    for name, fan_in in (("query", E), ("key", C), ("value", C)):
+        kernel = np.asarray(added[name]["kernel"])
+        assert kernel.shape == (SMALL.depth, fan_in, heads, E // heads)
+        assert 0.7 < kernel.std() * math.sqrt(fan_in) < 1.3  # lecun_normal: variance 1/fan_in
+    assert added["out"]["kernel"].shape == (SMALL.depth, heads, E // heads, E)
+    for leaf in (added["out"]["kernel"], *(added[n]["bias"] for n in added)):
+        np.testing.assert_array_equal(leaf, 0)
+    trained, _ = random_params(SMALL, 2)  # any unconditional model, not the identity
+    x = images(jax.random.key(3), SMALL)
+    z, logdet = forward(trained, perms, x, SMALL)
+    for context in (contexts(jax.random.key(4), SMALL_CTX, tokens=1),  # T_ctx = 1: one compile
+                    jax.nn.one_hot([[1], [3]], C)):
+        z_ctx, logdet_ctx = forward({**trained, "context_attention": added}, perms, x,
+                                    SMALL_CTX, context=context)
+        np.testing.assert_allclose(z_ctx, z, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(logdet_ctx, logdet, rtol=1e-6, atol=1e-5)
+
+
+def test_the_context_changes_the_map():
+    """Once context_attention's output kernel is non-zero, z and logdet depend on the context:
+    the same images given another one-hot class, or given zero, map elsewhere."""
+    params, perms = random_params(SMALL_CTX, 5)
+    x = images(jax.random.key(6), SMALL_CTX)
+    outputs = [forward(params, perms, x, SMALL_CTX, context=context) for context in (
+        jax.nn.one_hot([[0], [0]], 4), jax.nn.one_hot([[2], [2]], 4), jnp.zeros((2, 1, 4)))]
+    for (z, logdet), (z_other, logdet_other) in itertools.combinations(outputs, 2):
+        assert np.abs(z - z_other).max(axis=(1, 2, 3)).min() > 1e-2
+        assert np.abs(logdet - logdet_other).min() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------
 # Likelihood and sampling
 
 
@@ -378,21 +491,52 @@ def test_sample_is_the_inverse_of_gaussian_noise():
     np.testing.assert_array_equal(jet.sample(params, perms, key, 5, cfg, 0.7), out)
 
 
+def test_conditional_sample_is_the_inverse_of_gaussian_noise():
+    """With a context, sample() = quantize(f^-1(T z)) given that context: image i is drawn given
+    context[i], here one-hot classes."""
+    params, perms = random_params(SMALL_CTX, 8)
+    key, context = jax.random.key(9), jax.nn.one_hot(jnp.array([[0], [3]]), 4)  # [n, 1, 4]
+    sample = jax.jit(jet.sample, static_argnums=(3, 4))
+    out = sample(params, perms, key, 2, SMALL_CTX, 0.7, context=context)
+    x, _ = inverse(params, perms, 0.7 * jax.random.normal(key, out.shape), SMALL_CTX,
+                   context=context)
+    np.testing.assert_array_equal(out, jet.quantize(x))
+
+
 # ------------------------------------------------------------------------------------------
 # Parity with the official implementation
+
+
+def golden_errors(params, perms, cfg, d, flow=(forward, inverse)):
+    """Largest error relative to the largest official magnitude, per official output of golden
+    file d: z, logdet = forward(x) and x_from_noise, logdet_from_noise = inverse(z_noise), given
+    the file's context if it has one, and then also z_zero_context, logdet_zero_context =
+    forward(x) given zero times that context."""
+    context = jnp.asarray(d["context"]) if "context" in d.files else None
+    runs = [(flow[0], "x", context, ("z", "logdet")),
+            (flow[1], "z_noise", context, ("x_from_noise", "logdet_from_noise"))]
+    if context is not None:
+        runs.append((flow[0], "x", 0 * context, ("z_zero_context", "logdet_zero_context")))
+    errors = {}
+    for fn, inp, ctx, names in runs:
+        for got, name in zip(fn(params, perms, jnp.asarray(d[inp]), cfg, context=ctx), names):
+            assert got.dtype == jnp.float64
+            errors[name] = float(np.abs(got - d[name]).max() / np.abs(d[name]).max())
+    return errors
 
 
 @pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.stem)
 def test_golden_parity_with_big_vision(x64, path):
     """Official parameters and outputs (big_vision jet.Model, float64, random output layers):
-    forward, inverse and both log-dets agree within 1e-5 relative to the largest magnitude."""
+    forward, inverse and both log-dets agree within 1e-5 relative to the largest magnitude.
+    A file with a context holds a class-conditional model, loaded as one; it is run given that
+    context and given zero times it, by the fast path and by the plain flow."""
     params, perms, cfg, d = load_golden(path)
-    for fn, inp, out, logdet in ((forward, "x", "z", "logdet"),
-                                 (inverse, "z_noise", "x_from_noise", "logdet_from_noise")):
-        got, got_logdet = fn(params, perms, jnp.asarray(d[inp]), cfg)
-        assert got.dtype == jnp.float64
-        assert np.abs(got - d[out]).max() <= 1e-5 * np.abs(d[out]).max()
-        assert np.abs(got_logdet - d[logdet]).max() <= 1e-5 * np.abs(d[logdet]).max()
+    assert (cfg.context_dim is None) == ("context" not in d.files)
+    flows = [(forward, inverse)] + [(plain_forward, plain_inverse)] * bool(cfg.context_dim)
+    for flow in flows:
+        errors = golden_errors(params, perms, cfg, d, flow)
+        assert max(errors.values()) <= 1e-5, errors
 
 
 def test_golden_files_cover_every_projection():
@@ -425,34 +569,42 @@ def official_masks(cfg, rng):
 
 
 def official_params(cfg, rng):
-    """Random parameters under big_vision's flax paths and shapes."""
+    """Random parameters under big_vision's flax paths and shapes; a conditional cfg adds the
+    DNN's own attention to the context (keys and values from C_ctx = context_dim features)."""
     L, N, D, E = cfg.depth, cfg.num_tokens, cfg.token_dim, cfg.emb_dim
     h, M = cfg.num_heads, cfg.mlp_dim or 4 * cfg.emb_dim
     shapes = {"init_proj/kernel": (D // 2, E), "init_proj/bias": (E,), "posemb": (1, N, E),
               "vit/encoder_norm/scale": (E,), "vit/encoder_norm/bias": (E,),
               "final_proj/kernel": (E, D), "final_proj/bias": (D,)}
+
+    def mha(path, kv_dim):  # flax nn.MultiHeadDotProductAttention, qkv and out features E
+        out = {}
+        for name, d_in in (("query", E), ("key", kv_dim), ("value", kv_dim)):
+            out |= {f"{path}/{name}/kernel": (d_in, h, E // h), f"{path}/{name}/bias": (h, E // h)}
+        return out | {f"{path}/out/kernel": (h, E // h, E), f"{path}/out/bias": (E,)}
     for b in range(cfg.block_depth):
         blk = f"vit/encoderblock_{b}"
         for ln in ("LayerNorm_0", "LayerNorm_1"):
             shapes |= {f"{blk}/{ln}/scale": (E,), f"{blk}/{ln}/bias": (E,)}
-        for name in ("query", "key", "value"):
-            mha = f"{blk}/MultiHeadDotProductAttention_0/{name}"
-            shapes |= {f"{mha}/kernel": (E, h, E // h), f"{mha}/bias": (h, E // h)}
-        mha = f"{blk}/MultiHeadDotProductAttention_0/out"
-        shapes |= {f"{mha}/kernel": (h, E // h, E), f"{mha}/bias": (E,),
-                   f"{blk}/MlpBlock_0/Dense_0/kernel": (E, M), f"{blk}/MlpBlock_0/Dense_0/bias": (M,),
-                   f"{blk}/MlpBlock_0/Dense_1/kernel": (M, E), f"{blk}/MlpBlock_0/Dense_1/bias": (E,)}
+        shapes |= mha(f"{blk}/MultiHeadDotProductAttention_0", E)
+        mlp = f"{blk}/MlpBlock_0"
+        shapes |= {f"{mlp}/Dense_0/kernel": (E, M), f"{mlp}/Dense_0/bias": (M,),
+                   f"{mlp}/Dense_1/kernel": (M, E), f"{mlp}/Dense_1/bias": (E,)}
+    if cfg.context_dim:
+        shapes |= mha("MultiHeadDotProductAttention_0", cfg.context_dim)
     flat = {}
     for path, shape in shapes.items():
         fan_in = shape[0] if "kernel" in path and len(shape) > 1 else 1
         offset = 1.0 if path.endswith("scale") else 0.0
-        flat[f"couplings/dnn/{path}"] = offset + rng.normal(size=(L, *shape)) / np.sqrt(fan_in) * 0.5
+        scale = 0.5 / np.sqrt(fan_in)
+        flat[f"couplings/dnn/{path}"] = offset + rng.normal(size=(L, *shape)) * scale
     return flat
 
 
-def official_forward(flat, c_masks, s_masks, x, cfg, inverse=False):
+def official_forward(flat, c_masks, s_masks, x, cfg, inverse=False, context=None):
     """big_vision's Jet in NumPy float64: one-hot einsum splits, the `cut` reshape, flax-layout
-    attention; written independently of jet.py (which uses gathers and its own layout)."""
+    attention, and with a context [B, T_ctx, C_ctx] the DNN's attention to it after the position
+    embedding; written independently of jet.py (which uses gathers and its own layout)."""
     P, (H, W, C), N, D = cfg.patch_size, cfg.image_shape, cfg.num_tokens, cfg.token_dim
     B = x.shape[0]
     x = x.reshape(B, H // P, P, W // P, P, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, N, D)
@@ -463,24 +615,33 @@ def official_forward(flat, c_masks, s_masks, x, cfg, inverse=False):
         sigma = np.sqrt(((v - mu) ** 2).mean(-1, keepdims=True) + 1e-6)
         return (v - mu) / sigma * g(f"{path}/scale", i) + g(f"{path}/bias", i)
 
+    def dense(v, path, i):
+        return v @ g(f"{path}/kernel", i) + g(f"{path}/bias", i)
+
+    def mha(y, kv, path, i):  # flax MultiHeadDotProductAttention()(y, kv)
+        def proj(a, name):  # [B, T, C] -> [B, T, heads, head_dim]
+            kernel, bias = g(f"{path}/{name}/kernel", i), g(f"{path}/{name}/bias", i)
+            return np.einsum("bte,ehd->bthd", a, kernel) + bias
+        q, k, val = proj(y, "query"), proj(kv, "key"), proj(kv, "value")
+        logits = np.einsum("bqhd,bkhd->bhqk", q / np.sqrt(q.shape[-1]), k)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        y = np.einsum("bhqk,bkhd->bqhd", w, val)
+        return np.einsum("bqhd,hde->bqe", y, g(f"{path}/out/kernel", i)) + g(f"{path}/out/bias", i)
+
     def dnn(v, i):
-        v = v @ g("init_proj/kernel", i) + g("init_proj/bias", i) + g("posemb", i)
+        v = dense(v, "init_proj", i) + g("posemb", i)
+        if context is not None:
+            v = v + mha(v, context, "MultiHeadDotProductAttention_0", i)
         for b in range(cfg.block_depth):
             blk = f"vit/encoderblock_{b}"
             y = layer_norm(v, f"{blk}/LayerNorm_0", i)
-            mha = f"{blk}/MultiHeadDotProductAttention_0"
-            q, k, val = (np.einsum("bne,ehd->bnhd", y, g(f"{mha}/{n}/kernel", i))
-                         + g(f"{mha}/{n}/bias", i) for n in ("query", "key", "value"))
-            logits = np.einsum("bqhd,bkhd->bhqk", q / np.sqrt(q.shape[-1]), k)
-            w = np.exp(logits - logits.max(-1, keepdims=True))
-            w /= w.sum(-1, keepdims=True)
-            y = np.einsum("bhqk,bkhd->bqhd", w, val)
-            v = v + np.einsum("bqhd,hde->bqe", y, g(f"{mha}/out/kernel", i)) + g(f"{mha}/out/bias", i)
+            v = v + mha(y, y, f"{blk}/MultiHeadDotProductAttention_0", i)
             y = layer_norm(v, f"{blk}/LayerNorm_1", i)
-            y = y @ g(f"{blk}/MlpBlock_0/Dense_0/kernel", i) + g(f"{blk}/MlpBlock_0/Dense_0/bias", i)
+            y = dense(y, f"{blk}/MlpBlock_0/Dense_0", i)
             y = 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3)))
-            v = v + y @ g(f"{blk}/MlpBlock_0/Dense_1/kernel", i) + g(f"{blk}/MlpBlock_0/Dense_1/bias", i)
-        out = layer_norm(v, "vit/encoder_norm", i) @ g("final_proj/kernel", i) + g("final_proj/bias", i)
+            v = v + dense(y, f"{blk}/MlpBlock_0/Dense_1", i)
+        out = dense(layer_norm(v, "vit/encoder_norm", i), "final_proj", i)
         return out[..., :D // 2], out[..., D // 2:]
 
     total = np.zeros(B)
@@ -506,11 +667,14 @@ def official_forward(flat, c_masks, s_masks, x, cfg, inverse=False):
     return x, total
 
 
-@given(configs(even_grid=True, max_depth=5), st.integers(0, 2 ** 31 - 1))
-def test_from_big_vision_matches_official_formulation(x64, cfg, seed):
+@given(configs(even_grid=True, max_depth=5, context_dims=st.none() | st.integers(1, 5)),
+       st.integers(1, 3), st.integers(0, 2 ** 31 - 1))
+def test_from_big_vision_matches_official_formulation(x64, cfg, tokens, seed):
     """For any configuration on an even token grid, official parameters and one-hot masks loaded
     with from_big_vision compute what big_vision's formulation computes (NumPy oracle above),
-    and the loaded spatial splits are exactly those that jet.init builds."""
+    and the loaded spatial splits are exactly those that jet.init builds. A checkpoint with the
+    DNN's context attention loads as a conditional Config (context_dim from its key kernel)
+    and computes the official map given any context of T_ctx tokens."""
     cfg = dataclasses.replace(cfg, mlp_dim=None)  # big_vision's DNN always uses 4 * emb_dim
     rng = np.random.default_rng(seed)
     flat = official_params(cfg, rng)
@@ -528,9 +692,12 @@ def test_from_big_vision_matches_official_formulation(x64, cfg, seed):
         if kind == "spatial":
             np.testing.assert_array_equal(perms[i], our_perms[i])
     x = rng.uniform(-1, 1, size=(2, *cfg.image_shape))
+    context = rng.normal(size=(2, tokens, cfg.context_dim)) if cfg.context_dim else None
     for backward, fn in ((False, forward), (True, inverse)):
-        expected, expected_logdet = official_forward(flat, c_masks, s_masks, x, cfg, backward)
-        got, got_logdet = fn(params, perms, jnp.asarray(x), cfg)
+        expected, expected_logdet = official_forward(flat, c_masks, s_masks, x, cfg, backward,
+                                                     context)
+        got, got_logdet = fn(params, perms, jnp.asarray(x), cfg,
+                             context=None if context is None else jnp.asarray(context))
         np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(got_logdet, expected_logdet, rtol=1e-9, atol=1e-9)
 
@@ -554,6 +721,9 @@ def test_from_big_vision_matches_official_formulation(x64, cfg, seed):
     (dict(block_depth=-1), "block_depth"),
     (dict(patch_size=2.0), "patch_size"),
     (dict(mlp_dim=0), "mlp_dim"),
+    (dict(context_dim=0), "context_dim"),
+    (dict(context_dim=10.0), "context_dim"),
+    (dict(context_dim=True), "context_dim"),
     (dict(scale_factor=0.0), "scale_factor"),
     (dict(scale_factor=float("nan")), "scale_factor"),
     (dict(image_shape=(32, 32)), "image_shape"),
@@ -590,6 +760,37 @@ def test_wrong_input_shapes_raise():
         forward(params, perms[:2], jnp.zeros((2, 8, 8, 3)), cfg)
 
 
+@pytest.mark.parametrize("cfg, context, message", [
+    (SMALL_CTX, None, "class-conditional"),
+    (SMALL, np.zeros((2, 1, 4)), "unconditional"),
+    (SMALL_CTX, np.zeros((2, 4)), r"got shape \(2, 4\)"),
+    (SMALL_CTX, np.zeros((3, 1, 4)), r"\[2, T_ctx >= 1, 4\].*got shape \(3, 1, 4\)"),
+    (SMALL_CTX, np.zeros((2, 1, 5)), r"\[2, T_ctx >= 1, 4\].*got shape \(2, 1, 5\)"),
+    (SMALL_CTX, np.zeros((2, 0, 4)), r"T_ctx >= 1.*got shape \(2, 0, 4\)"),
+    (SMALL_CTX, np.zeros((2, 1, 4), np.int32), "floating point"),
+], ids=["missing", "unconditional", "rank", "batch", "features", "no tokens", "dtype"])
+def test_invalid_context_raises(cfg, context, message):
+    """A conditional Config without a context, a context for an unconditional one, and a context
+    of the wrong rank, batch, feature size, token count or dtype are rejected before any
+    computation, by the fast path and the plain flow, forward and inverse, naming the problem."""
+    params, perms = random_params(cfg, 0)
+    x = jnp.zeros((2, *cfg.image_shape))
+    for fn in (forward, inverse, plain_forward, plain_inverse):
+        with pytest.raises(ValueError, match=message):
+            fn(params, perms, x, cfg, context=context)
+
+
+def test_params_must_match_the_configs_conditioning():
+    """Unconditional params with a conditional Config, or the reverse, are named as such."""
+    params, perms = random_params(SMALL, 0)
+    params_ctx, _ = random_params(SMALL_CTX, 0)
+    x = jnp.zeros((2, *SMALL.image_shape))
+    with pytest.raises(ValueError, match="lack `context_attention`"):
+        forward(params, perms, x, SMALL_CTX, context=np.zeros((2, 1, 4)))
+    with pytest.raises(ValueError, match="have `context_attention`"):
+        inverse(params_ctx, perms, x, SMALL)
+
+
 def test_from_big_vision_rejects_bad_checkpoints():
     """Unknown arguments, missing parameters and wrong shapes are named."""
     params, perms, cfg, d = load_golden(TESTDATA / "big_vision_jet_a.npz")
@@ -612,13 +813,11 @@ def report(draws=40):
     with jax.enable_x64(True):
         for path in GOLDEN:
             params, perms, cfg, d = load_golden(path)
-            z, logdet = forward(params, perms, jnp.asarray(d["x"]), cfg)
-            x, inv_logdet = inverse(params, perms, jnp.asarray(d["z_noise"]), cfg)
-            errors = [np.abs(a - d[b]).max() / np.abs(d[b]).max() for a, b in (
-                (z, "z"), (logdet, "logdet"), (x, "x_from_noise"),
-                (inv_logdet, "logdet_from_noise"))]
-            print(f"{path.stem}: relative error z {errors[0]:.1e}, logdet {errors[1]:.1e}, "
-                  f"x_from_noise {errors[2]:.1e}, logdet_from_noise {errors[3]:.1e}")
+            flows = {"": (forward, inverse), " (plain flow)": (plain_forward, plain_inverse)}
+            for name, flow in list(flows.items())[:1 + bool(cfg.context_dim)]:
+                errors = golden_errors(params, perms, cfg, d, flow)
+                print(f"{path.stem}{name}: relative error " + ", ".join(
+                    f"{key} {error:.1e}" for key, error in errors.items()))
     worst = 0.0
     for seed in range(draws):  # hypothesis draws: the worst case varies a little per run
         cfg = configs().example()
