@@ -31,6 +31,20 @@ settings.register_profile("ci", parent=settings.get_profile("dev"), derandomize=
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains, starts processes or runs end to end; "
+                            "python -m pytest -m 'not slow' is the fast tier")
+
+
+@pytest.fixture(autouse=True)
+def quick_compiles(request):
+    """The fast tier's programs are small and each runs a few times, so LLVM's optimisation
+    passes cost more than they save: they are skipped there (XLA's HLO passes, fusion
+    included, still run, so the computation is the same). Slow tests train, so they keep them."""
+    jax.config.update("jax_disable_most_optimizations", not request.node.get_closest_marker("slow"))
+    yield
+
+
 @pytest.fixture
 def x64():
     """Runs a test with float64 enabled (and restores the default afterwards)."""

@@ -52,6 +52,7 @@ def random_flow_params(cfg, v, seed, dtype=np.float32):
 # The new bijections and the CNN coupling: the properties of jet's couplings
 
 
+@pytest.mark.slow
 @given(configs(max_depth=3), st.sampled_from(VARIANTS), st.integers(0, 2 ** 31 - 1))
 def test_variant_flows_are_invertible_in_float32(cfg, v, seed):
     """flow_inverse(flow_forward(x)) = x and back from z, to the bound jet's couplings meet
@@ -72,6 +73,7 @@ def test_variant_flows_are_invertible_in_float32(cfg, v, seed):
     assert float(jnp.abs(fx - x).max()) > 1e-3  # the layers really move x
 
 
+@pytest.mark.slow
 @given(configs(max_depth=2), st.sampled_from(VARIANTS), st.integers(0, 2 ** 31 - 1))
 def test_variant_logdet_equals_slogdet_of_jacobian(x64, cfg, v, seed):
     """log-det = log|det J|, J = jax.jacfwd of the map, in float64, forward and inverse."""
@@ -86,6 +88,7 @@ def test_variant_logdet_equals_slogdet_of_jacobian(x64, cfg, v, seed):
                                    rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bijection", ["actnorm", "dense"])
 def test_each_removed_component_alone(x64, bijection):
     """ActNorm and the token-wise dense layer on [B, N, D]: exact inverse, log-det = slogdet."""
@@ -103,6 +106,7 @@ def test_each_removed_component_alone(x64, bijection):
     np.testing.assert_allclose(logdet[0], jnp.linalg.slogdet(jacobian)[1], rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_identity_at_init():
     """Zero output layers, zero ActNorm and (at init) the ActNorm data init aside, a CNN flow
     with k = 2 maps x to itself with log-det 0, as jet does."""
@@ -116,6 +120,7 @@ def test_identity_at_init():
     np.testing.assert_allclose(logdet, 0.0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_actnorm_data_init_normalises_each_layer_input():
     """After flow_data_init, every ActNorm's output on the init batch has zero mean and unit
     variance in each of the D dims (Glow), layer after layer."""
@@ -133,6 +138,7 @@ def test_actnorm_data_init_normalises_each_layer_input():
         h, _ = ablate.layer_forward(p, perms[i], h, cfg, v)
 
 
+@pytest.mark.slow
 @given(configs(), st.integers(0, 2 ** 31 - 1))
 def test_plain_vit_flow_is_jet_forward(cfg, seed):
     """With the ViT and nothing between couplings, the composed flow is exactly jet's."""
@@ -145,6 +151,7 @@ def test_plain_vit_flow_is_jet_forward(cfg, seed):
     np.testing.assert_allclose(logdet, logdet_jet, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("v", VARIANTS[:2], ids=lambda v: v.name)
 def test_variant_flops_match_xla_count(v):
     """forward_flops agrees with XLA's cost analysis (one layer: a scan body counts once), and
@@ -174,6 +181,7 @@ def test_every_experiment_builds_on_cifar10():
 # The script
 
 
+@pytest.mark.slow
 def test_quick_runs_every_experiment_then_reuses_its_results(tmp_path, monkeypatch):
     """--quick trains every variant of every experiment through train.py and prints a table per
     experiment; a second call reads every result back instead of training; a run's workdir
