@@ -8,7 +8,8 @@ load(name) returns {"train": uint8 [N, H, W, C], "train_labels": int64 [N],
   cifar10                 CIFAR-10 binary version, downloaded and md5-checked on first use
   mnist, fashion_mnist    the original IDX .gz files, downloaded and md5-checked on first use
   imagenet32, imagenet64  downsampled ImageNet npz batches (image-net.org needs a login: by hand)
-  npz:PATH                any .npz with uint8 `train` and `test` arrays [N, H, W, C]
+  npz:PATH                any .npz with uint8 `train` and `test` arrays [N, H, W, C] (and,
+                          optionally, integer `train_labels` and `test_labels` [N])
   synthetic               a small generated dataset for smoke tests
 Files the user placed (an extracted CIFAR-10 folder, IDX files) are used as they are; a cached
 archive is md5-checked before use; a download enters the cache only once its md5 matches.
@@ -287,11 +288,14 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
             raise DataError(f"{path}: array `{split}` must be uint8 [N, H, W, C], found "
                             f"{images.dtype} {images.shape} (empty if missing); convert it with "
                             f".astype(np.uint8) and add a channel axis if needed.")
-        labels = arrays.get(f"{split}_labels", np.zeros(len(images), np.int64))
+        out[split] = np.ascontiguousarray(images)
+        if f"{split}_labels" not in arrays:  # labels are optional: only --conditional needs them
+            continue
+        labels = arrays[f"{split}_labels"]
         if labels.shape != images.shape[:1] or labels.dtype.kind not in "iu":
             raise DataError(f"{path}: array `{split}_labels` must be integers [{len(images)}] "
                             f"like `{split}`, found {labels.dtype} {labels.shape}.")
-        out[split], out[f"{split}_labels"] = np.ascontiguousarray(images), labels.astype(np.int64)
+        out[f"{split}_labels"] = labels.astype(np.int64)
     if out["train"].shape[1:] != out["test"].shape[1:]:
         raise DataError(f"{path}: `train` images are {out['train'].shape[1:]} (H, W, C) but `test` "
                         f"images are {out['test'].shape[1:]}; both splits need the same shape.")
@@ -349,6 +353,17 @@ def load(name: str, data_dir: str | None = None, *, url: str | None = None,
     raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(NAMES)}.")
 
 
+NUM_CLASSES = {"cifar10": 10, "mnist": 10, "fashion_mnist": 10, "imagenet32": 1000,
+               "imagenet64": 1000, "synthetic": 10}
+
+
+def num_classes(name: str, dataset: dict[str, np.ndarray]) -> int:
+    """Classes of a dataset: the published count, or for an npz file 1 + its largest label."""
+    if name in NUM_CLASSES:
+        return NUM_CLASSES[name]
+    return 1 + int(max(dataset[k].max(initial=0) for k in ("train_labels", "test_labels")))
+
+
 VALIDATION_SEED = 2412_15129  # fixed, whatever the run's --seed: every run holds out the same set
 
 
@@ -363,7 +378,7 @@ def validation_split(dataset: dict[str, np.ndarray], n: int) -> dict[str, np.nda
     order = np.random.default_rng(VALIDATION_SEED).permutation(count)
     keep, held = np.sort(order[:-n]), order[-n:]
     out = dict(dataset)
-    for name in ("train", "train_labels"):
+    for name in ("train", "train_labels")[:1 + ("train_labels" in dataset)]:
         out[name.replace("train", "validation")] = dataset[name][held]
         out[name] = dataset[name][keep]
     return out

@@ -69,6 +69,7 @@ def run_subprocess(argv, env_extra=None, **kwargs):
 # The whole path, interrupted and resumed
 
 
+@pytest.mark.slow
 def test_download_train_eval_png_kill_resume(cifar, tmp_path):
     """Served over HTTP on 127.0.0.1 the archive is downloaded and checked, training logs and
     evaluates and writes PNG grids and checkpoints; a run SIGKILLed mid-way and re-run with the
@@ -110,9 +111,11 @@ def test_download_train_eval_png_kill_resume(cifar, tmp_path):
     again = run_train("--workdir", workdir, "--eval_only")
     assert again == {"step": 16, "test_bpd": reference["test_bpd"]}
     out = run_train("--workdir", workdir, "--sample", 10, "--temperature", 0.8)
-    assert png_size(out["samples"]) == (3 * 33 + 1, 4 * 33 + 1)  # 3 rows of 4
+    # 3 rows of 4, each 32x32 image upscaled 4x (to ~512 pixels across) with 2-pixel gaps
+    assert png_size(out["samples"]) == (3 * 130 + 2, 4 * 130 + 2)
 
 
+@pytest.mark.slow
 def test_interrupted_checkpoint_write_resumes_exactly(cifar, tmp_path, monkeypatch):
     """Interrupted between writing a checkpoint's temporary file and renaming it, a run
     resumes from the previous checkpoint and still ends exactly like an uninterrupted one."""
@@ -136,6 +139,7 @@ def test_interrupted_checkpoint_write_resumes_exactly(cifar, tmp_path, monkeypat
     assert run_train(*argv, "--workdir", tmp_path / "run") == reference
 
 
+@pytest.mark.slow
 def test_two_devices_give_the_losses_of_one(tmp_path):
     """Data parallel over 2 (forced host) devices: the same losses and test bpd as 1 device,
     within float tolerance; a batch that does not split over the devices is refused."""
@@ -186,6 +190,7 @@ def test_bad_input_is_refused_clearly(cifar, tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_problems_are_refused(cifar, tmp_path, capsys):
     """Resuming with another model, a truncated checkpoint and a foreign .npz all refuse."""
     argv = [*SMALL, "--dataset", "synthetic", "--steps", 2, "--eval_every", 2]
@@ -206,6 +211,7 @@ def test_checkpoint_problems_are_refused(cifar, tmp_path, capsys):
                  "--eval_only")
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     """An absurd learning rate blows the loss up; training stops naming the step and the
     checkpoint on disk is one from before it."""
@@ -220,6 +226,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert meta["step"] == bad_step - 1
 
 
+@pytest.mark.slow
 def test_validation_split_is_evaluated_during_training_and_test_once(tmp_path):
     """With --validation, evaluations during training report the held-out set and the
     training slice; the test set is evaluated once, at the last step; the best checkpoint is
@@ -237,6 +244,54 @@ def test_validation_split_is_evaluated_during_training_and_test_once(tmp_path):
     assert out["validation_bpd"] == pytest.approx(evals[1]["validation_bpd"], abs=1e-5)
 
 
+@pytest.mark.slow
+def test_conditional_run_classifies_and_samples_each_class(tmp_path):
+    """--conditional trains p(x | label) with the one-hot label as context: its last
+    evaluation reports test bits/dim under the true label, the accuracy of classifying by
+    likelihood and the bits/dim under the zero context, as --eval_only does from the
+    checkpoint; --sample writes one row per class plus the unconditional row (trained with
+    label dropout) per temperature, or the rows of --labels; --init_from keeps the context."""
+    argv = [*SMALL, "--dataset", "synthetic", "--conditional", "--steps", 4, "--eval_every", 4]
+    out = run_train(*argv, "--workdir", tmp_path / "run")
+    assert 0 <= out["test_accuracy"] <= 1 and out["test_unconditional_bpd"] > 0
+    meta = json.loads(str(np.load(tmp_path / "run" / "checkpoint.npz")["meta"]))
+    assert meta["config"]["context_dim"] == 10 and meta["flags"]["label_dropout"] == 0.1
+    again = run_train("--workdir", tmp_path / "run", "--eval_only")
+    for key in ("test_bpd", "test_accuracy", "test_unconditional_bpd"):
+        assert again[key] == pytest.approx(out[key], abs=1e-5)
+    grid = run_train("--workdir", tmp_path / "run", "--sample", 3, "--temperature", "0.7,1")
+    scale = train.grid_scale(3, 16)
+    side = 16 * scale + max(1, scale // 2)
+    assert png_size(grid["samples"]) == (2 * 11 * side + side - 16 * scale,
+                                         3 * side + side - 16 * scale)
+    picked = run_train("--workdir", tmp_path / "run", "--sample", 3, "--labels", "3,5")
+    assert png_size(picked["samples"])[0] == 3 * side + side - 16 * scale
+    fine = run_train(*argv, "--steps", 1, "--init_from", tmp_path / "run", "--workdir",
+                     tmp_path / "fine")
+    assert fine["step"] == 1
+
+
+@pytest.mark.slow
+def test_conditional_needs_labels_in_range(tmp_path, capsys):
+    """Labels are checked before any work: a dataset without them, a negative label, label
+    dropout without --conditional and --labels on an unconditional run are refused."""
+    images = np.zeros((8, 4, 4, 1), np.uint8)
+    np.savez(tmp_path / "nolabels.npz", train=images, test=images)
+    np.savez(tmp_path / "negative.npz", train=images, test=images,
+             train_labels=np.arange(8) - 1, test_labels=np.arange(8))
+    argv = [*SMALL, "--patch_size", 2, "--conditional", "--steps", 1]
+    expect_error(capsys, "needs labels", *argv, "--dataset", f"npz:{tmp_path / 'nolabels.npz'}",
+                 "--workdir", tmp_path / "a")
+    expect_error(capsys, "outside the", *argv, "--dataset", f"npz:{tmp_path / 'negative.npz'}",
+                 "--workdir", tmp_path / "b")
+    expect_error(capsys, "--conditional runs only", *SMALL, "--dataset", "synthetic",
+                 "--label_dropout", 0.2, "--workdir", tmp_path / "c")
+    run_train(*SMALL, "--dataset", "synthetic", "--steps", 1, "--workdir", tmp_path / "d")
+    expect_error(capsys, "needs a conditional run", "--workdir", tmp_path / "d", "--sample", 2,
+                 "--labels", 1)
+
+
+@pytest.mark.slow
 def test_init_from_copies_params_and_perms_only(tmp_path, capsys):
     """--init_from starts a new run (step 0, fresh optimizer) from another run's params and
     permutations; a different model is refused."""
@@ -285,16 +340,29 @@ def decode_png(path):
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_png_grid_holds_the_images(tmp_path, channels):
-    """write_png lays n images on a ceil(sqrt(n))-wide grid with 1-pixel white borders."""
-    images = np.random.default_rng(0).integers(0, 256, (5, 4, 6, channels), dtype=np.uint8)
-    train.write_png(tmp_path / "g.png", images)
+@pytest.mark.parametrize("scale", [1, 3])
+def test_png_grid_holds_the_images(tmp_path, channels, scale):
+    """write_png lays rows of images on white, each upscaled `scale` times by repetition, with
+    gaps of max(1, scale // 2) pixels; a short row leaves white behind it."""
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 256, (n, 4, 6, channels), dtype=np.uint8) for n in (3, 2)]
+    train.write_png(tmp_path / "g.png", rows, scale)
     grid = decode_png(tmp_path / "g.png")
-    assert grid.shape == (2 * 5 + 1, 3 * 7 + 1, channels)
-    for i, image in enumerate(images):
-        r, c = divmod(i, 3)
-        np.testing.assert_array_equal(grid[1 + 5 * r:5 * r + 5, 1 + 7 * c:7 * c + 7], image)
-    assert (grid[0] == 255).all() and (grid[:, 0] == 255).all()
+    gap, h, w = max(1, scale // 2), 4 * scale, 6 * scale
+    assert grid.shape == (2 * (h + gap) + gap, 3 * (w + gap) + gap, channels)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            top, left = gap + r * (h + gap), gap + c * (w + gap)
+            np.testing.assert_array_equal(grid[top:top + h, left:left + w],
+                                          image.repeat(scale, 0).repeat(scale, 1))
+    assert (grid[:gap] == 255).all() and (grid[:, :gap] == 255).all()
+    assert (grid[h + 2 * gap:, 2 * (w + gap) + gap:] == 255).all()  # the missing 6th image
+
+
+def test_grid_scale_reaches_the_grid_width():
+    """Grids are upscaled by the smallest integer that makes them about GRID_WIDTH wide."""
+    assert train.grid_scale(8, 32) == 2 and train.grid_scale(8, 28) == 3
+    assert train.grid_scale(64, 64) == 1
 
 
 def test_optimizer_is_big_vision_chain():
@@ -393,6 +461,7 @@ def test_bench_refuses_bad_numbers(capsys):
         assert exit_info.value.code != 0
 
 
+@pytest.mark.slow
 def test_progress_lines_leave_metrics_alone(tmp_path, capsys, monkeypatch):
     """A line at least every PROGRESS_SECONDS of wall time: with a step slower than that
     (here: PROGRESS_SECONDS = 0) every step prints one, on stdout only; metrics.jsonl is the
@@ -412,14 +481,16 @@ def test_progress_lines_leave_metrics_alone(tmp_path, capsys, monkeypatch):
     assert comparable(metrics(tmp_path / "chatty")) == comparable(metrics(tmp_path / "quiet"))
 
 
+@pytest.mark.slow
 def test_time_budget_fixes_and_stores_the_step_count(tmp_path, capsys):
-    """--time_budget times this machine, fixes steps and cadences before training and stores
-    them, so re-running the command resumes that run exactly; the best checkpoint by test bpd
-    is kept beside the latest, and train and test bpd are logged side by side."""
+    """--time_budget times this machine, sets steps and cadences before training, re-times them
+    once at the first checkpoint and stores them, so re-running the command resumes that run
+    exactly; the best checkpoint by test bpd is kept beside the latest, and train and test bpd
+    are logged side by side."""
     argv = [*SMALL, "--dataset", "synthetic", "--time_budget", 0.6, "--workdir", tmp_path]
     result = run_train(*argv)
     out = capsys.readouterr().out
-    assert "steps fit in 0.6 min" in out
+    assert "steps fit in 0.6 min" in out and "Re-timed at step" in out
     meta = json.loads(str(np.load(tmp_path / "checkpoint.npz")["meta"]))
     steps = meta["flags"]["steps"]
     assert result["step"] == steps == meta["step"] >= 6

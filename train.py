@@ -39,6 +39,14 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(text.split(","))
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
 CONFIG_FLAG_TYPES = {"patch_size": int, "depth": int, "block_depth": int, "emb_dim": int,
                      "num_heads": int, "mlp_dim": int, "scale_factor": float, "kinds": _names,
                      "channel_projs": _names, "spatial_projs": _names}  # jet.Config fields
@@ -58,10 +66,12 @@ PRESETS = {
     # The official imagenet64 model (32 couplings, block depth 2, width 512, 8 heads, 4 channel
     # couplings then 1 spatial, all six spatial projections) on the paper's 256-token grid:
     # P=2 on 32x32. Batch 256 instead of 1024 so that it fits one GPU.
+    # 5,000 training images are held out to choose the best checkpoint (docs/accelerator.md
+    # sizes the run: about 2.5 h on one H100-class GPU in bfloat16).
     "cifar10": dict(patch_size=2, depth=32, block_depth=2, emb_dim=512, num_heads=8,
                     kinds=("channels",) * 4 + ("spatial",), spatial_projs=ALL_SIX,
                     batch_size=256, epochs=200, log_every=100, eval_every=5000,
-                    ckpt_every=1000, remat=True),
+                    ckpt_every=1000, remat=True, validation=5000),
     # big_vision configs/proj/jet/imagenet64.py, exactly (P=4 -> 256 tokens, batch 1024).
     "imagenet64": dict(patch_size=4, depth=32, block_depth=2, emb_dim=512, num_heads=8,
                        kinds=("channels",) * 4 + ("spatial",), spatial_projs=ALL_SIX,
@@ -89,10 +99,13 @@ ACCELERATOR_PRESET = {"cifar10": "cifar10", "imagenet32": "imagenet32",
                       "fashion_mnist": "fashion_mnist"}
 CPU_PRESET = {"cifar10": "cpu", "imagenet32": "cpu", "imagenet64": "cpu",
               "mnist": "fashion_mnist_cpu", "fashion_mnist": "fashion_mnist_cpu"}
+# A resumed run must use the same values of these.
 RECIPE_FLAGS = ("dataset", "preset", "batch_size", "steps", "lr", "warmup", "weight_decay",
-                "clip", "b1", "b2", "seed", "validation")  # a resumed run must use the same values
+                "clip", "b1", "b2", "seed", "validation", "conditional", "label_dropout")
 PROGRESS_SECONDS = 30  # a stdout line at least this often, besides the --log_every lines
-GRID = 64  # samples in the grid written at every evaluation
+GRID = 64  # samples in the grid written at every evaluation (conditional: 8 per class)
+GRID_WIDTH = 512  # sample grids are upscaled (nearest neighbour) to at least this many pixels
+LABEL_DROPOUT_STREAM = 1  # label dropout's key: fold_in(the step's noise key, this)
 CHECKPOINT_FORMAT = "jet-train-checkpoint-v1"  # in every checkpoint's metadata
 
 
@@ -112,9 +125,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         a(f"--{name}", type=kind, help=f"jet.Config.{name}" + (", commas" * (kind is _names)))
     a("--remat", action=argparse.BooleanOptionalAction, help="recompute coupling activations "
       "in backprop, as big_vision does: less memory for one more forward pass")
-    a("--dtype", choices=("float32", "bfloat16"), help="dtype of the ViT matmuls (default "
-      "float32); bfloat16 is for accelerators: params, coupling arithmetic, log-det and loss "
-      "stay float32 and the flow stays exactly invertible")
+    a("--dtype", choices=("float32", "bfloat16"), help="dtype of the ViT matmuls (default: "
+      "bfloat16 on a GPU or TPU, float32 on a CPU, where bfloat16 is emulated): params, "
+      "coupling arithmetic, log-det and loss stay float32 and the flow stays exactly "
+      "invertible")
     a("--batch_size", type=int, help="global batch, split over all devices")
     a("--steps", type=int, help="training steps (overrides --epochs and --time_budget)")
     a("--epochs", type=float, help="training epochs (drop-remainder batches)")
@@ -135,17 +149,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--validation", type=int, metavar="N", help="hold out N training images (the last N of a "
       "fixed permutation): evaluations during training report their bits/dim and choose the "
       "best checkpoint; the test set is evaluated once, at the end")
+    a("--conditional", action="store_true", default=None, help="learn p(x | label): every "
+      "coupling reads the one-hot label through cross-attention (big_vision's context)")
+    a("--label_dropout", type=float, help="conditional runs: probability that an example's "
+      "label is replaced by the zero context, which trains the unconditional model alongside "
+      "(default 0.1, as big_vision)")
     a("--init_from", help="fine-tune: start from the params of this checkpoint or workdir")
     a("--sample", type=int, default=0, metavar="N",
-      help="write a grid of N samples from the latest checkpoint and exit")
-    a("--temperature", type=float, default=1.0, help="prior temperature T for samples")
+      help="write a grid of N samples from the latest checkpoint and exit (conditional runs: "
+      "N per class row, plus an unconditional row when trained with label dropout)")
+    a("--labels", type=_ints, help="conditional --sample: the classes to draw, commas "
+      "(default: every class)")
+    a("--temperature", type=_floats, default=(1.0,), help="prior temperature T for samples; "
+      "several, commas (e.g. 0.7,0.85,1.0), give one block of rows each")
     a("--eval_only", action="store_true", help="evaluate the latest checkpoint and exit")
     a("--distributed", action="store_true", help="call jax.distributed.initialize() first "
       "(multi-host; one process per host)")
     return p.parse_args(argv)
 
 
-ACTION_FLAGS = ("workdir", "sample", "temperature", "eval_only", "distributed")  # not settings
+ACTION_FLAGS = ("workdir", "sample", "labels", "temperature", "eval_only",
+                "distributed")  # not settings
 
 
 def default_preset(dataset: str, platform: str) -> tuple[str, str]:
@@ -179,6 +203,14 @@ def resolve(args, saved: dict | None, platform: str = "cpu") -> tuple[dict, str]
     flags = base | explicit
     if saved is None:
         flags.setdefault("eval_batch_size", flags["batch_size"])
+        # float32 matmuls at full precision are several times slower than bfloat16 on GPUs and
+        # TPUs; the flow stays exactly invertible in bfloat16 mode (jet.forward).
+        flags.setdefault("dtype", "float32" if platform == "cpu" else "bfloat16")
+        if flags.get("conditional"):
+            flags.setdefault("label_dropout", 0.1)
+        elif "label_dropout" in flags:
+            raise ValueError("--label_dropout applies to --conditional runs only; add "
+                             "--conditional or drop it.")
     validate(flags)
     return flags, why
 
@@ -198,7 +230,7 @@ def validate(f: dict) -> None:
         check(name, lambda v: v > 0, "a positive number")
     check("lr", lambda v: v >= 0, "a number >= 0")
     check("weight_decay", lambda v: v >= 0, "a number >= 0")
-    for name in ("warmup", "b1", "b2"):
+    for name in ("warmup", "b1", "b2", "label_dropout"):
         check(name, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
@@ -291,16 +323,18 @@ def restore(arrays: dict[str, np.ndarray], template, path: str):
 # Sample grids as PNG (zlib + struct: no imaging library)
 
 
-def write_png(path: str, images: np.ndarray) -> None:
-    """uint8 [n, H, W, C] (C = 1 or 3) -> one PNG grid, ceil(sqrt(n)) images per row."""
-    n, H, W, C = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (H + 1) + 1, cols * (W + 1) + 1, C), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[1 + r * (H + 1):(r + 1) * (H + 1), 1 + c * (W + 1):(c + 1) * (W + 1)] = image
-    raw = b"".join(b"\x00" + row.tobytes() for row in grid)  # filter type 0 on every row
+def write_png(path: str, rows: list[np.ndarray], scale: int = 1) -> None:
+    """Rows of uint8 images [n_i, H, W, C] (C = 1 or 3) -> one PNG grid on white, each image
+    upscaled `scale` times (nearest neighbour), a gap of max(1, scale // 2) pixels around it."""
+    H, W, C = rows[0].shape[1:]
+    gap, h, w = max(1, scale // 2), H * scale, W * scale
+    cols = max(len(row) for row in rows)
+    grid = np.full((len(rows) * (h + gap) + gap, cols * (w + gap) + gap, C), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            top, left = gap + r * (h + gap), gap + c * (w + gap)
+            grid[top:top + h, left:left + w] = image.repeat(scale, 0).repeat(scale, 1)
+    raw = b"".join(b"\x00" + line.tobytes() for line in grid)  # filter type 0 on every row
 
     def chunk(tag, body):
         return struct.pack(">I", len(body)) + tag + body + struct.pack(
@@ -311,14 +345,19 @@ def write_png(path: str, images: np.ndarray) -> None:
                 + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
 
 
+def grid_scale(cols: int, width: int) -> int:
+    """The integer upscaling that makes `cols` images of `width` pixels about GRID_WIDTH wide."""
+    return max(1, math.ceil(GRID_WIDTH / (cols * (width + 1))))
+
+
 # ------------------------------------------------------------------------------------------
 # Training pieces: configuration, state, the jitted step, evaluation, samples
 
 
-def make_config(flags: dict, image_shape) -> jet.Config:
+def make_config(flags: dict, image_shape, context_dim: int | None = None) -> jet.Config:
     """The jet.Config that these settings describe: each model flag from `flags`, else from the
     preset flags["preset"]; command-line strings ("12", "channels,spatial") are parsed."""
-    values = {}
+    values = {"context_dim": context_dim} if context_dim else {}
     for name, kind in CONFIG_FLAG_TYPES.items():
         value = flags.get(name, PRESETS[flags["preset"]].get(name))
         if value is not None:
@@ -342,7 +381,9 @@ def forward_flops(cfg: jet.Config) -> int:
     N, D, E = cfg.num_tokens, cfg.token_dim, cfg.emb_dim
     M = cfg.mlp_dim or 4 * E
     block = 4 * N * E * E + 2 * N * N * E + 2 * N * E * M  # q, k, v, out; scores, mix; MLP
-    return 2 * cfg.depth * (N * (D // 2) * E + cfg.block_depth * block + N * E * D)
+    # A class context (one token of context_dim): queries and output, keys and values, mix.
+    context = 2 * N * E * E + 2 * (cfg.context_dim or 0) * E + 2 * N * E if cfg.context_dim else 0
+    return 2 * cfg.depth * (N * (D // 2) * E + context + cfg.block_depth * block + N * E * D)
 
 
 def compute_dtype(f: dict):
@@ -370,13 +411,30 @@ def state_template(cfg: jet.Config, tx, init=jet.init) -> dict:
             **({"opt_state": jax.eval_shape(tx.init, params)} if tx else {})}
 
 
-def make_train_step(cfg: jet.Config, tx, remat: bool, dtype=None, forward=jet.forward):
-    """One jitted update: dequantize with noise key fold_in(key, step), loss = mean bits/dim."""
+def class_context(labels: jax.Array, num_classes: int, drop=None) -> jax.Array:
+    """Labels [B] -> big_vision's context, one-hot [B, 1, num_classes]; where drop [B] is True,
+    the zero context (the unconditional model)."""
+    context = jax.nn.one_hot(labels, num_classes)[:, None, :]
+    return context if drop is None else jnp.where(drop[:, None, None], 0.0, context)
+
+
+def make_train_step(cfg: jet.Config, tx, remat: bool, dtype=None, forward=jet.forward,
+                    label_dropout: float = 0.0):
+    """One jitted update: dequantize with noise key fold_in(key, step), loss = mean bits/dim.
+    A conditional model (cfg.context_dim) reads each example's label, dropped to the zero
+    context with probability label_dropout, independently per example."""
     @functools.partial(jax.jit, donate_argnums=0)
-    def train_step(state, images, step, noise_key):
+    def train_step(state, images, step, noise_key, labels=None):
+        key = jax.random.fold_in(noise_key, step)
+        context = {}
+        if cfg.context_dim:
+            drop = jax.random.bernoulli(jax.random.fold_in(key, LABEL_DROPOUT_STREAM),
+                                        label_dropout, labels.shape)
+            context = {"context": class_context(labels, cfg.context_dim, drop)}
+
         def loss_fn(params):
-            x = jet.dequantize(jax.random.fold_in(noise_key, step), images)
-            z, logdet = forward(params, state["perms"], x, cfg, remat, dtype)
+            x = jet.dequantize(key, images)
+            z, logdet = forward(params, state["perms"], x, cfg, remat, dtype, **context)
             return jet.bits_per_dim(z, logdet).mean()
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -386,45 +444,81 @@ def make_train_step(cfg: jet.Config, tx, remat: bool, dtype=None, forward=jet.fo
     return train_step
 
 
-def make_evaluators(cfg: jet.Config, sets: dict, f: dict, put_batch, forward) -> dict:
-    """name -> evaluate(state, key), the mean bits/dim of: "test"; "validation" (with
-    --validation); "train", a fixed slice of the training set as large as the held-out set (at
-    most 2,000 images), where overfitting shows. The noise of batch i is fold_in(key, i), so
-    every figure is reproducible."""
+def make_batch_stats(cfg: jet.Config, f: dict, forward):
+    """Jitted (params, perms, images, labels, mask, key, classify) -> masked sums over one
+    batch: "bpd" (conditional models: under the true label); with classify, also "accuracy"
+    (argmax over classes of log p(x | y), every class evaluated on the same noise) and
+    "unconditional_bpd" (under the zero context)."""
     dtype = compute_dtype(f)
 
-    @jax.jit
-    def batch_sum(params, perms, batch, mask, key):
-        x = jet.dequantize(key, batch)
-        z, logdet = forward(params, perms, x, cfg, compute_dtype=dtype)
-        return jnp.sum(jet.bits_per_dim(z, logdet) * mask)
+    def bpd(params, perms, x, context=None):
+        kwargs = {} if context is None else {"context": context}
+        z, logdet = forward(params, perms, x, cfg, compute_dtype=dtype, **kwargs)
+        return jet.bits_per_dim(z, logdet)  # [B]
 
+    @functools.partial(jax.jit, static_argnames="classify")
+    def batch_stats(params, perms, images, labels, mask, key, classify=False):
+        x = jet.dequantize(key, images)
+        K = cfg.context_dim
+        if not K:
+            return {"bpd": jnp.sum(bpd(params, perms, x) * mask)}
+        stats = {"bpd": jnp.sum(bpd(params, perms, x, class_context(labels, K)) * mask)}
+        if classify:
+            every = jax.lax.map(  # [K, B]: bits/dim of each example under each class
+                lambda c: bpd(params, perms, x, class_context(jnp.full_like(labels, c), K)),
+                jnp.arange(K))
+            stats["accuracy"] = jnp.sum((jnp.argmin(every, axis=0) == labels) * mask)
+            zero = jnp.zeros((x.shape[0], 1, K), x.dtype)
+            stats["unconditional_bpd"] = jnp.sum(bpd(params, perms, x, zero) * mask)
+        return stats
+    return batch_stats
+
+
+def make_evaluators(cfg: jet.Config, sets: dict, f: dict, put_batch, forward) -> dict:
+    """name -> evaluate(state, key, classify=False) -> {"bpd", ...}: means over "test";
+    "validation" (with --validation); "train", a fixed slice of the training set as large as
+    the held-out set (at most 2,000 images), where overfitting shows. The noise of batch i is
+    fold_in(key, i), so every figure is reproducible."""
+    batch_stats = make_batch_stats(cfg, f, forward)
     held = sets.get("validation", sets["test"])
     size = min(len(sets["train"]), len(held), 2000)
-    images = {"test": sets["test"],
-              "train": sets["train"][data.batch_indices(len(sets["train"]), size, f["seed"], 0)]}
+
+    def evaluator(name, index=slice(None)):
+        labels = sets.get(f"{name}_labels")
+        return make_evaluate(batch_stats, sets[name][index],
+                             None if labels is None else labels[index], f["eval_batch_size"],
+                             put_batch)
+    evaluators = {"test": evaluator("test"),
+                  "train": evaluator("train", data.batch_indices(len(sets["train"]), size,
+                                                                 f["seed"], 0))}
     if "validation" in sets:
-        images["validation"] = sets["validation"]
-    return {name: make_evaluate(batch_sum, x, f["eval_batch_size"], put_batch)
-            for name, x in images.items()}
+        evaluators["validation"] = evaluator("validation")
+    return evaluators
 
 
-def make_evaluate(batch_sum, images: np.ndarray, batch_size: int, put_batch):
-    """Mean bits/dim over all of `images` (last batch padded and masked); batch_sum(params,
-    perms, batch, mask, key) is the masked bits/dim sum of one batch."""
-    def evaluate(state, key) -> float:
-        total, last_line = 0.0, time.time()
+def make_evaluate(batch_stats, images: np.ndarray, labels, batch_size: int, put_batch):
+    """Means over all of `images` (last batch padded and masked) of batch_stats' sums."""
+    labels = np.zeros(len(images), np.int64) if labels is None else labels
+
+    def evaluate(state, key, classify=False) -> dict[str, float]:
+        totals, last_line = {}, time.time()
         for i in range(0, len(images), batch_size):
             if time.time() - last_line >= PROGRESS_SECONDS:
                 print(f"evaluating: {i}/{len(images)} images", flush=True)
                 last_line = time.time()
-            chunk = images[i:i + batch_size]
-            pad = batch_size - len(chunk)
-            batch = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
-            mask = (np.arange(batch_size) < len(chunk)).astype(np.float32)
-            total += float(batch_sum(state["params"], state["perms"], put_batch(batch),
-                                     put_batch(mask), jax.random.fold_in(key, i // batch_size)))
-        return total / len(images)
+            pad = batch_size - len(images[i:i + batch_size])
+            batch, batch_labels = (np.concatenate([a[i:i + batch_size],
+                                                   np.zeros((pad, *a.shape[1:]), a.dtype)])
+                                   for a in (images, labels))
+            mask = (np.arange(batch_size) < batch_size - pad).astype(np.float32)
+            sums = batch_stats(state["params"], state["perms"], put_batch(batch),
+                               put_batch(batch_labels), put_batch(mask),
+                               jax.random.fold_in(key, i // batch_size), classify=classify)
+            for name, value in sums.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        return {name: totals[name] / len(images)  # "bpd" first
+                for name in sorted(totals, key=lambda name: name != "bpd")}
+    evaluate.size = len(images)
     return evaluate
 
 
@@ -434,12 +528,34 @@ sample_jit = jax.jit(jet.sample, static_argnums=(3, 4, 6))
 JET = {"name": "jet", "init": jet.init, "forward": jet.forward, "sample": sample_jit}
 
 
-def write_samples(path: str, state: dict, cfg: jet.Config, n: int, temperature: float,
-                  dtype=None, sample=sample_jit) -> None:
-    """A PNG grid of n samples, drawn with the run's sample key (the same noise every time)."""
+def sample_rows(state: dict, cfg: jet.Config, f: dict, n: int, temperatures, sample=sample_jit,
+                classes=None) -> list[np.ndarray]:
+    """Rows of samples for a grid, drawn with the run's sample key (the same noise every time),
+    one block per temperature: an unconditional model's n samples, ceil(sqrt(n)) a row; a
+    conditional model's n per class of `classes` (default: every class, at most 20), then n
+    from the zero context if it was trained with label dropout. Every row of a block starts
+    from the same noise, so a column shows one latent under each label."""
     key = run_keys(jax.random.wrap_key_data(state["rng"]))["sample"]
-    images = sample(state["params"], state["perms"], key, n, cfg, temperature, dtype)
-    write_png(path, to_host(images))
+    K, rows = cfg.context_dim, []
+    for t in temperatures:
+        if not K:
+            images = to_host(sample(state["params"], state["perms"], key, n, cfg, t,
+                                    compute_dtype(f)))
+            cols = math.ceil(math.sqrt(n))
+            rows += [images[i:i + cols] for i in range(0, n, cols)]
+            continue
+        contexts = [class_context(jnp.full((n,), c), K) for c in
+                    (range(K) if classes is None and K <= 20 else classes or range(10))]
+        if f.get("label_dropout"):
+            contexts.append(jnp.zeros((n, 1, K)))
+        rows += [to_host(sample(state["params"], state["perms"], key, n, cfg, t,
+                                compute_dtype(f), context=context)) for context in contexts]
+    return rows
+
+
+def write_samples(path: str, rows: list[np.ndarray]) -> None:
+    """A PNG of these rows of samples, upscaled to about GRID_WIDTH pixels across."""
+    write_png(path, rows, grid_scale(max(map(len, rows)), rows[0].shape[2]))
 
 
 def format_seconds(seconds: float) -> str:
@@ -475,19 +591,19 @@ def run(args, model=JET) -> dict:
     evaluators = make_evaluators(cfg, sets, f, put_batch, model["forward"])
     if args.eval_only:
         return eval_command(cfg, ckpt, evaluators, replicate, model)
-    state = initial_state(args, f, cfg, ckpt, sets["train"], put_batch, replicate, evaluators,
-                          start_time, model)
+    state, plan = initial_state(args, f, cfg, ckpt, sets["train"], put_batch, replicate,
+                                evaluators, start_time, model)
     del ckpt["arrays"]  # the host copy of a restored state is no longer needed
     print_header(f, cfg, state, sets)
-    return train_loop(args, f, cfg, replicate(state), ckpt["meta"], sets["train"], put_batch,
-                      evaluators, model)
+    return train_loop(args, f, cfg, replicate(state), ckpt["meta"], sets, put_batch, evaluators,
+                      model, plan)
 
 
 def open_checkpoint(args, model) -> dict:
     """The workdir's checkpoint: {"path", "arrays", "meta"} (None, None when there is none)."""
-    if args.sample < 0 or not (math.isfinite(args.temperature) and args.temperature > 0):
-        raise ValueError(f"--sample must be >= 0 and --temperature a positive number, got "
-                         f"{args.sample} and {args.temperature}.")
+    if args.sample < 0 or not all(math.isfinite(t) and t > 0 for t in args.temperature):
+        raise ValueError(f"--sample must be >= 0 and every --temperature a positive number, "
+                         f"got {args.sample} and {','.join(map(str, args.temperature))}.")
     path = os.path.join(args.workdir, "checkpoint.npz")
     arrays, meta = read_checkpoint(path) if os.path.exists(path) else (None, None)
     if (args.eval_only or args.sample) and meta is None:
@@ -513,12 +629,20 @@ def run_settings(args, meta: dict | None) -> tuple[dict, jet.Config | None]:
 
 
 def sample_command(args, f: dict, cfg: jet.Config, ckpt: dict, model) -> dict:
-    """--sample N: a grid of N samples from the workdir's latest checkpoint."""
-    path = os.path.join(args.workdir, f"samples_T{args.temperature:g}_n{args.sample}.png")
+    """--sample N: a grid of samples from the workdir's latest checkpoint (see sample_rows)."""
+    if args.labels and not cfg.context_dim:
+        raise ValueError("--labels needs a conditional run (trained with --conditional).")
+    bad = [c for c in args.labels or () if not 0 <= c < (cfg.context_dim or 1)]
+    if bad:
+        raise ValueError(f"--labels {bad} out of range: this run has classes 0 .. "
+                         f"{cfg.context_dim - 1}.")
+    temperatures = ",".join(f"{t:g}" for t in args.temperature)
+    labels = "_labels" + ",".join(map(str, args.labels)) if args.labels else ""
+    path = os.path.join(args.workdir, f"samples_T{temperatures}_n{args.sample}{labels}.png")
     state = restore(ckpt["arrays"], state_template(cfg, None, model["init"]), ckpt["path"])
-    write_samples(path, state, cfg, args.sample, args.temperature, compute_dtype(f),
-                  model["sample"])
-    print(f"Wrote {args.sample} samples to {path}.", flush=True)
+    write_samples(path, sample_rows(state, cfg, f, args.sample, args.temperature,
+                                    model["sample"], args.labels))
+    print(f"Wrote samples to {path}.", flush=True)
     return {"samples": path}
 
 
@@ -528,11 +652,12 @@ def load_data(f: dict, cfg: jet.Config | None) -> tuple[dict, jet.Config]:
     from --epochs), checked against them when resuming."""
     sets = data.load(f["dataset"], f.get("data_dir"), url=f.get("data_url"),
                      md5=f.get("data_md5"))
+    num_classes = check_labels(f, sets) if f.get("conditional") else None
     if f.get("validation"):
         sets = data.validation_split(sets, f["validation"])
     train = sets["train"]
     if cfg is None:
-        cfg = make_config(f, train.shape[1:])
+        cfg = make_config(f, train.shape[1:], num_classes)
         if "steps" not in f and not f.get("time_budget"):
             epoch = data.steps_per_epoch(len(train), f["batch_size"])
             f["steps"] = max(1, round(f["epochs"] * epoch))
@@ -540,6 +665,23 @@ def load_data(f: dict, cfg: jet.Config | None) -> tuple[dict, jet.Config]:
         raise ValueError(f"dataset {f['dataset']} has images {train.shape[1:]}, the checkpoint "
                          f"expects {cfg.image_shape}.")
     return sets, cfg
+
+
+def check_labels(f: dict, sets: dict) -> int:
+    """A conditional run's number of classes, after checking that every image has a label in
+    range (before any work)."""
+    if "train_labels" not in sets or "test_labels" not in sets:
+        raise ValueError(f"--conditional needs labels, but dataset {f['dataset']} has none for "
+                         f"{'train' if 'train_labels' not in sets else 'test'}; for an npz "
+                         "file, add integer arrays train_labels and test_labels.")
+    K = data.num_classes(f["dataset"], sets)
+    for split in ("train", "test"):
+        labels = sets[f"{split}_labels"]
+        if len(labels) and not 0 <= labels.min() <= labels.max() < K:
+            raise ValueError(f"--conditional: {split} labels of {f['dataset']} lie in "
+                             f"[{labels.min()}, {labels.max()}], outside the {K} classes "
+                             f"0 .. {K - 1}.")
+    return K
 
 
 def data_parallel(f: dict):
@@ -565,17 +707,24 @@ def data_parallel(f: dict):
 
 def eval_command(cfg: jet.Config, ckpt: dict, evaluators: dict, replicate, model) -> dict:
     """--eval_only: test bits/dim of the workdir's latest checkpoint (and validation bits/dim
-    when the run holds out a validation set)."""
-    state = restore(ckpt["arrays"], state_template(cfg, None, model["init"]), ckpt["path"])
+    when the run holds out a validation set); a conditional run's test set also gives the
+    accuracy of classifying by likelihood and bits/dim under the zero context."""
+    state = replicate(restore(ckpt["arrays"], state_template(cfg, None, model["init"]),
+                              ckpt["path"]))
     key = run_keys(jax.random.wrap_key_data(state["rng"]))["eval"]
     result = {"step": ckpt["meta"]["step"]}
     for name in ("validation", "test"):
         if name in evaluators:
-            result[f"{name}_bpd"] = evaluators[name](replicate(state), key)
-    print(f"step {result['step']} | " + " | ".join(
-        f"{k.removesuffix('_bpd')} {v:.4f} bpd" for k, v in result.items() if k != "step"),
-        flush=True)
+            stats = evaluators[name](state, key, classify=name == "test")
+            result |= {f"{name}_{stat}": v for stat, v in stats.items()}
+    print(f"step {result['step']} | " + describe(result), flush=True)
     return result
+
+
+def describe(record: dict) -> str:
+    """An evaluation record as a log line: "test 3.6512 bpd | test_accuracy 0.3120 | ..."."""
+    return " | ".join(f"{k.removesuffix('_bpd')} {v:.4f}" + " bpd" * k.endswith("_bpd")
+                      for k, v in record.items() if k != "step")
 
 
 def initial_params(f: dict, cfg: jet.Config, train: np.ndarray, model) -> tuple:
@@ -595,20 +744,32 @@ def initial_params(f: dict, cfg: jet.Config, train: np.ndarray, model) -> tuple:
 
 
 def initial_state(args, f, cfg, ckpt, train, put_batch, replicate, evaluators, start_time,
-                  model) -> dict:
-    """The state training starts from: restored from the checkpoint, or new. A new run with a
-    --time_budget first times this machine to fix its step count (stored in f)."""
+                  model) -> tuple[dict, dict | None]:
+    """The state training starts from, restored from the checkpoint or new, and a new
+    --time_budget run's plan: it first times this machine to set its step count (stored in f),
+    which the plan lets train_loop correct once, before the first checkpoint."""
     if ckpt["meta"] is not None:
         print(f"Resuming {args.workdir} at step {ckpt['meta']['step']}.", flush=True)
         return restore(ckpt["arrays"], state_template(cfg, make_optimizer(f), model["init"]),
-                       ckpt["path"])
+                       ckpt["path"]), None
     params, perms, rng = initial_params(f, cfg, train, model)
     params, perms = replicate((params, perms))
-    if "steps" not in f:  # --time_budget: measure this machine, then fix the step count
+    plan = None
+    if "steps" not in f:  # --time_budget: measure this machine, then set the step count
         plan = plan_steps(f, cfg, params, perms, train, put_batch, evaluators, start_time,
                           model["forward"])
-        f.update({k: v for k, v in plan.items() if k == "steps" or getattr(args, k) is None})
-    return new_state(params, perms, make_optimizer(f), rng)
+        plan["own_cadences"] = [k for k in ("eval_every", "ckpt_every", "log_every")
+                                if getattr(args, k) is None]
+        set_steps(f, plan, plan.pop("steps"))
+    return new_state(params, perms, make_optimizer(f), rng), plan
+
+
+def set_steps(f: dict, plan: dict, steps: int) -> None:
+    """A --time_budget run's step count, and the cadences that follow from it (6 evaluations,
+    30 checkpoints, 100 log lines) where the command did not set them."""
+    cadences = {"eval_every": -(-steps // plan["evals"]), "ckpt_every": max(1, steps // 30),
+                "log_every": max(1, steps // 100)}
+    f.update({"steps": steps} | {k: cadences[k] for k in plan["own_cadences"]})
 
 
 def plan_steps(f, cfg, params, perms, train, put_batch, evaluators, start_time,
@@ -621,20 +782,22 @@ def plan_steps(f, cfg, params, perms, train, put_batch, evaluators, start_time,
     = budget."""
     print(f"Timing this machine for --time_budget {f['time_budget']:g} min...", flush=True)
     tx = make_optimizer(f | {"steps": 10 ** 6})
-    step_fn = make_train_step(cfg, tx, bool(f["remat"]), compute_dtype(f), forward)
+    step_fn = make_train_step(cfg, tx, bool(f["remat"]), compute_dtype(f), forward,
+                              f.get("label_dropout", 0.0))
     state = new_state(*jax.tree.map(jnp.copy, (params, perms)), tx)
     key, bs = jax.random.key(0), f["batch_size"]
+    labels = put_batch(np.zeros(bs, np.int64))
     t0 = time.time()
-    state, out = step_fn(state, put_batch(train[:bs]), 0, key)
+    state, out = step_fn(state, put_batch(train[:bs]), 0, key, labels)
     jax.block_until_ready(out)
     compile_s = time.time() - t0
-    state, out = step_fn(state, put_batch(train[:bs]), 1, key)  # its output's layout may
-    jax.block_until_ready(out)  # differ from the fresh state's: a second compilation
+    state, out = step_fn(state, put_batch(train[:bs]), 1, key, labels)  # its output's layout
+    jax.block_until_ready(out)  # may differ from the fresh state's: a second compilation
     t0, n = time.time(), 1
     while n < 4 or time.time() - t0 < 5:
         n += 1
         state, out = step_fn(state, put_batch(train[data.batch_indices(len(train), bs, 0, n)]),
-                             n, key)
+                             n, key, labels)
         jax.block_until_ready(out)
     step_s = (time.time() - t0) / (n - 1)
     periodic = [evaluators[name] for name in periodic_sets(evaluators)]
@@ -642,17 +805,59 @@ def plan_steps(f, cfg, params, perms, train, put_batch, evaluators, start_time,
     for evaluate in periodic:  # the first compiles
         evaluate({"params": params, "perms": perms}, key)
     eval_s = time.time() - t0
-    evals = 6 + (len(evaluators) > 2)  # the test set at the end, after validation runs
-    left = 0.95 * 60 * f["time_budget"] - (time.time() - start_time) - compile_s - evals * eval_s
+    evals = 6
+    # The last evaluation also runs the test set: once more after a validation set, and over
+    # every class (plus the true label and the zero context) for a conditional model.
+    passes = (cfg.context_dim + 2 if cfg.context_dim else 1) - ("validation" not in evaluators)
+    final_s = passes * eval_s * evaluators["test"].size / sum(e.size for e in periodic)
+    left = (0.95 * 60 * f["time_budget"] - (time.time() - start_time) - compile_s
+            - evals * eval_s - final_s)
     steps = max(evals, int(left / step_s))
-    print(f"{step_s * 1e3:.0f} ms/step, {eval_s:.0f} s per evaluation, compilation "
-          f"{compile_s:.0f} s: {steps} steps fit in {f['time_budget']:g} min.", flush=True)
-    return {"steps": steps, "eval_every": -(-steps // evals),
-            "ckpt_every": max(1, steps // 30), "log_every": max(1, steps // 100)}
+    print(f"{step_s * 1e3:.0f} ms/step, {eval_s:.0f} s per evaluation (the last one "
+          f"{eval_s + final_s:.0f} s), compilation {compile_s:.0f} s: {steps} steps fit in "
+          f"{f['time_budget']:g} min.", flush=True)
+    return {"steps": steps, "evals": evals, "step_s": step_s,
+            "end": start_time + 0.95 * 60 * f["time_budget"],
+            "reserved_s": compile_s + evals * eval_s + final_s}
+
+
+def replan(f: dict, plan: dict, log: dict, step: int) -> None:
+    """Re-times a --time_budget run once, at its first checkpoint: the timing phase measures a
+    few steps on a fresh process, which can be a fifth off the speed of training under way;
+    the steps since the first give the rate that sets the final step count. Every checkpoint
+    then holds the final count, so a resumed run is exact."""
+    seconds = (time.time() - log["started"][0]) / (step - log["started"][1])
+    left = plan["end"] - time.time() - plan["reserved_s"]
+    steps = max(step, step + int(left / seconds))
+    print(f"Re-timed at step {step}: {seconds * 1e3:.0f} ms/step (the timing phase measured "
+          f"{plan['step_s'] * 1e3:.0f}): {steps} steps instead of {f['steps']}.", flush=True)
+    set_steps(f, plan, steps)
+
+
+# Dense bfloat16 matmul peaks in TFLOP/s (vendors' data sheets), by device_kind substring.
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125,
+               "V100": 125, "T4": 65, "TPU v4": 275, "TPU v5 lite": 197, "TPU v5p": 459,
+               "TPU v6 lite": 918}
+UTILISATION = 0.5  # of that peak, for the estimate: what a well-fed transformer step reaches
+
+
+def estimate_line(f: dict, cfg: jet.Config) -> str | None:
+    """The run's time at UTILISATION of the devices' bf16 peak, from its FLOPs: a training
+    image costs 3x the forward pass, 4x with remat (the forward runs twice)."""
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+    if jax.default_backend() == "cpu" or peak is None:
+        return None
+    flop = (4 if f["remat"] else 3) * forward_flops(cfg) * f["steps"] * f["batch_size"]
+    seconds = flop / (UTILISATION * peak * 1e12 * jax.device_count())
+    fp32 = " (float32 matmuls: several times longer)" if f.get("dtype") == "float32" else ""
+    return (f"Estimate: {flop / 1e18:.2f} EFLOP at {UTILISATION:.0%} of {jax.device_count()} x "
+            f"{kind}'s {peak} TFLOP/s bf16 peak: {format_seconds(seconds)}{fp32}.")
 
 
 def print_header(f: dict, cfg: jet.Config, state: dict, sets: dict) -> None:
-    """The resolved settings as JSON, then sizes, FLOPs and devices on one line."""
+    """The resolved settings as JSON, then sizes, FLOPs and devices on one line, and on an
+    accelerator the run's estimated time."""
     flops = forward_flops(cfg)
     print(json.dumps({"flags": f, "config": dataclasses.asdict(cfg)}), flush=True)
     print(f"{num_params(state['params']):,} parameters | {flops / 1e9:.3f} GFLOP/image forward,"
@@ -660,41 +865,53 @@ def print_header(f: dict, cfg: jet.Config, state: dict, sets: dict) -> None:
           f"{jax.devices()[0].platform} device(s) | {len(sets['train'])} train / "
           f"{len(sets.get('validation', ()))} validation / {len(sets['test'])} test images | "
           f"{f['steps']} steps of {f['batch_size']}", flush=True)
+    if line := estimate_line(f, cfg):
+        print(line, flush=True)
 
 
 # ------------------------------------------------------------------------------------------
 # The training loop and what it does at its cadences: log lines, evaluations, checkpoints
 
 
-def train_loop(args, f, cfg, state, meta, train, put_batch, evaluators, model) -> dict:
+def train_loop(args, f, cfg, state, meta, sets, put_batch, evaluators, model,
+               plan=None) -> dict:
     """Steps from the checkpoint's (or 0) to f["steps"]: one jitted update per batch, a log
     line every --log_every steps (and a shorter one at least every PROGRESS_SECONDS), an
     evaluation with a sample grid and the best checkpoint every --eval_every, a checkpoint
-    every --ckpt_every; each also at the last step."""
-    step, total = (meta or {}).get("step", 0), f["steps"]
-    train_step = make_train_step(cfg, make_optimizer(f), bool(f["remat"]), compute_dtype(f),
-                                 model["forward"])
+    every --ckpt_every; each also at the last step. A new --time_budget run (plan) is
+    re-timed at its first checkpoint."""
+    step = (meta or {}).get("step", 0)
+
+    def make_step():  # the schedule inside depends on f["steps"]
+        return make_train_step(cfg, make_optimizer(f), bool(f["remat"]), compute_dtype(f),
+                               model["forward"], f.get("label_dropout", 0.0))
+    train_step = make_step()
     keys = run_keys(jax.random.wrap_key_data(state["rng"]))
     out = open_outputs(args.workdir, f, cfg, model, step) | {"temperature": args.temperature}
     # Losses since the last log line; kept in checkpoints so a resumed run logs the same means.
     log = {"window": [tuple(p) for p in (meta or {}).get("log_window", [])], "timer": None,
            "last_line": time.time(), "warned": False, "pending": None,
            "best": (meta or {}).get("best_bpd", (meta or {}).get("best_test_bpd", math.inf)),
-           "steps_per_epoch": data.steps_per_epoch(len(train), f["batch_size"])}
+           "steps_per_epoch": data.steps_per_epoch(len(sets["train"]), f["batch_size"])}
     result = {"step": step, "test_bpd": None, "train_eval_bpd": None}
-    if step >= total:
-        print(f"{args.workdir} has finished its {total} steps; see --eval_only.", flush=True)
+    if step >= f["steps"]:
+        print(f"{args.workdir} has finished its {f['steps']} steps; see --eval_only.", flush=True)
     else:
         print("Compiling the training step (the first step includes it)...", flush=True)
-    while step < total:
-        batch = put_batch(train[data.batch_indices(len(train), f["batch_size"], f["seed"], step)])
-        state, metrics = train_step(state, batch, step, keys["noise"])
+    train, labels = sets["train"], sets.get("train_labels") if cfg.context_dim else None
+    while step < f["steps"]:
+        index = data.batch_indices(len(train), f["batch_size"], f["seed"], step)
+        batch = put_batch(train[index]), None if labels is None else put_batch(labels[index])
+        state, metrics = train_step(state, batch[0], step, keys["noise"], batch[1])
         step += 1
         record_losses(log, f, step, metrics, args.workdir)
+        if plan and step == f["ckpt_every"] and step > log["started"][1]:
+            replan(f, plan, log, step)
+            train_step, plan = make_step(), None
         log_progress(log, f, step, out)
-        if step % f["eval_every"] == 0 or step == total:
+        if step % f["eval_every"] == 0 or step == f["steps"]:
             result |= evaluate_at(log, state, step, cfg, f, keys, evaluators, out, model)
-        if step % f["ckpt_every"] == 0 or step == total:
+        if step % f["ckpt_every"] == 0 or step == f["steps"]:
             out["save"](out["checkpoint"], state, step, log)
     return result | {"step": step}
 
@@ -737,7 +954,7 @@ def record_losses(log: dict, f: dict, step: int, metrics: dict, workdir: str) ->
         log["window"].append(check_finite(*log["pending"], workdir))
         log["pending"] = None
         if log["timer"] is None:
-            log["timer"] = (time.time(), step)
+            log["timer"] = log["started"] = (time.time(), step)
             print(f"Step {step} done in {log['timer'][0] - log['last_line']:.1f} s, "
                   "compilation included.", flush=True)
 
@@ -779,28 +996,29 @@ def periodic_sets(evaluators: dict) -> tuple[str, str]:
 
 
 def evaluate_at(log, state, step, cfg, f, keys, evaluators, out, model) -> dict:
-    """Held-out and training-slice bits/dim (same noise; with --validation, the test set too at
-    the last step), a sample grid, and checkpoint_best.npz when the held-out figure is the best
-    so far."""
+    """Held-out and training-slice bits/dim (same noise), a sample grid, and checkpoint_best.npz
+    when the held-out figure is the best so far. At the last step the test set is evaluated
+    in full: after a validation set, once more; for a conditional model, with the accuracy of
+    classifying by likelihood and the bits/dim under the zero context."""
     held, _ = names = periodic_sets(evaluators)
-    if held != "test" and step == f["steps"]:
+    final = step == f["steps"]
+    if final and held != "test":
         names += ("test",)
-    bpd = {name: evaluators[name](state, keys["eval"]) for name in names}
-    what = {"train": "a fixed slice of the training set, same noise", "test": "the test set, "
-            "evaluated once" if held != "test" else "", "validation": "held out of training"}
-    print(f"step {step}/{f['steps']} | " + " | ".join(
-        f"{name} {v:.4f} bpd" + (f" ({what[name]})" if what[name] else "")
-        for name, v in bpd.items()), flush=True)
-    record = {("train_eval_bpd" if name == "train" else f"{name}_bpd"): v
-              for name, v in bpd.items()}
-    out["record"]({"step": step} | record)
+    record = {"step": step}
+    for name in names:
+        stats = evaluators[name](state, keys["eval"], classify=final and name == "test")
+        prefix = "train_eval" if name == "train" else name
+        record |= {f"{prefix}_{stat}": v for stat, v in stats.items()}
+    print(f"step {step}/{f['steps']} | " + describe(record), flush=True)
+    out["record"](record)
     if out["is_main"]:
-        write_samples(os.path.join(out["workdir"], f"samples_{step:07d}.png"), state, cfg,
-                      GRID, out["temperature"], compute_dtype(f), model["sample"])
-        if bpd[held] < log["best"]:
-            log["best"] = bpd[held]
+        write_samples(os.path.join(out["workdir"], f"samples_{step:07d}.png"),
+                      sample_rows(state, cfg, f, GRID // 8 if cfg.context_dim else GRID,
+                                  out["temperature"], model["sample"]))
+        if record[f"{held}_bpd"] < log["best"]:
+            log["best"] = record[f"{held}_bpd"]
             out["save"](os.path.join(out["workdir"], "checkpoint_best.npz"), state, step, log,
-                        {f"{held}_bpd": bpd[held]})
+                        {f"{held}_bpd": log["best"]})
     log.update(timer=(time.time(), step), last_line=time.time())  # img/s counts training only
     return record
 
