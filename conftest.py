@@ -31,6 +31,10 @@ settings.register_profile("ci", parent=settings.get_profile("dev"), derandomize=
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains, starts processes or runs end to end")
+
+
 @pytest.fixture
 def x64():
     """Runs a test with float64 enabled (and restores the default afterwards)."""
