@@ -2,12 +2,18 @@
 on one and two devices, and every kind of bad input. Small models on tiny data; each run of
 train.py is a few seconds, mostly compilation (shared between runs by a persistent cache)."""
 
+import errno
+import fcntl
 import json
 import os
+import random
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import tempfile
+import time
 import zlib
 
 import jax
@@ -57,12 +63,16 @@ def comparable(records):
     return [{k: v for k, v in r.items() if k != "img_per_s"} for r in records]
 
 
+def subprocess_env(env_extra=None) -> dict:
+    """This environment, with the module's compilation cache, plus `env_extra`."""
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **(env_extra or {}))
+
+
 def run_subprocess(argv, env_extra=None, **kwargs):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **(env_extra or {}))
     return subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *map(str, argv)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=HERE, **kwargs)
+                            env=subprocess_env(env_extra), cwd=HERE, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -160,6 +170,292 @@ def test_two_devices_give_the_losses_of_one(tmp_path):
                           env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     output = proc.communicate()[0]
     assert proc.returncode == 1 and "not divisible by the 2 devices" in output
+
+
+# ------------------------------------------------------------------------------------------
+# What clusters do to runs: many processes, preemption, full disks, two runs in one workdir
+
+# The README's two-process command: a few dozen steps of a tiny model on synthetic images.
+TWO_PROCESS = [*SMALL, "--dataset", "synthetic", "--steps", 48, "--eval_every", 24,
+               "--ckpt_every", 7]
+PROCESS_TIMEOUT_S = 300  # a hung collective fails the test instead of hanging CI
+
+
+def permissions_apply() -> bool:
+    """Whether a read-only directory keeps this process out (root overrides permissions)."""
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o500)
+        try:
+            return not os.access(d, os.W_OK)
+        finally:
+            os.chmod(d, 0o700)
+
+
+PERMISSIONS_APPLY = permissions_apply()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_processes(argv, logs, n=2) -> list[subprocess.Popen]:
+    """train.py as the n processes of one run on 127.0.0.1, one CPU device each (no forced
+    host devices), process i writing its output to logs/process<i>.log."""
+    port, procs = free_port(), []
+    for i in range(n):
+        with open(logs / f"process{i}.log", "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "train.py"), *map(str, argv),
+                 "--distributed", "--coordinator_address", f"127.0.0.1:{port}",
+                 "--num_processes", str(n), "--process_id", str(i)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=HERE,
+                env=subprocess_env({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})))
+    return procs
+
+
+def wait_all(procs, logs) -> list[str]:
+    """Every process's output once all have ended; all are killed if one outlives the
+    timeout."""
+    deadline = time.time() + PROCESS_TIMEOUT_S
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [(logs / f"process{i}.log").read_text() for i in range(len(procs))]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_process_with_two_devices(tmp_path, compile_cache):
+    """Two processes on 127.0.0.1 (one CPU device each, gloo collectives), the second sent
+    SIGTERM mid-run: both stop after the same step with exit code 143, and the same commands
+    resume them. The run ends with the metrics.jsonl losses and test bits/dim of one process
+    holding two forced host devices, to float32 tolerance, and process 0 alone wrote the
+    workdir: the same files, one record per event."""
+    proc = run_subprocess([*TWO_PROCESS, "--workdir", tmp_path / "one"],
+                          env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    output = proc.communicate(timeout=PROCESS_TIMEOUT_S)[0]
+    assert proc.returncode == 0, output
+    argv = [*TWO_PROCESS, "--workdir", tmp_path / "two"]
+    procs, deadline = start_processes(argv, tmp_path), time.time() + PROCESS_TIMEOUT_S
+    while "\nstep 4/" not in (tmp_path / "process0.log").read_text():
+        assert procs[0].poll() is None and time.time() < deadline, wait_all(procs, tmp_path)
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = wait_all(procs, tmp_path)
+    assert [p.returncode for p in procs] == [143, 143], outputs
+    stops = [[line for line in out.splitlines() if "stopped by" in line] for out in outputs]
+    assert len(stops[0]) == 1 and stops[0] == stops[1], stops
+    step = int(stops[0][0].split(" at step ")[1].split("/")[0])
+    assert 4 <= step < 48
+    assert json.loads(str(np.load(tmp_path / "two" / "checkpoint.npz")["meta"]))["step"] == step
+
+    procs = start_processes(argv, tmp_path)
+    outputs = wait_all(procs, tmp_path)
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert all(f"Resuming {tmp_path / 'two'} at step {step}." in out for out in outputs)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [sorted(r) for r in two] == [sorted(r) for r in one]
+    for a, b in zip(one, two):
+        assert a["step"] == b["step"]
+        for key in ("train_bpd", "grad_norm", "test_bpd", "train_eval_bpd"):
+            if key in a:
+                np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=key)
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_at_a_checkpoint_and_the_same_command_resumes(
+        tmp_path, monkeypatch, capsys, compile_cache, signum):
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) at a random step: that step finishes and is
+    checkpointed, one line says where the run stopped and how to resume, the exit code is
+    128 + the signal's number, and the previous signal handlers are back. The same command
+    then ends with exactly the figures of an uninterrupted run."""
+    argv = [*SMALL, "--dataset", "synthetic", "--steps", 12, "--eval_every", 6,
+            "--ckpt_every", 5]
+    reference = run_train(*argv, "--workdir", tmp_path / "reference")
+    at = random.randrange(1, 12)
+    log_progress = train.log_progress
+
+    def signal_at(log, f, step, out):
+        log_progress(log, f, step, out)
+        if step == at:
+            os.kill(os.getpid(), signum)
+    monkeypatch.setattr(train, "log_progress", signal_at)
+    handlers = [signal.getsignal(s) for s in train.STOP_SIGNALS]
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(*argv, "--workdir", tmp_path / "run")
+    monkeypatch.undo()
+    assert exit_info.value.code == 128 + signum, f"signal at step {at}"
+    assert [signal.getsignal(s) for s in train.STOP_SIGNALS] == handlers
+    checkpoint = tmp_path / "run" / "checkpoint.npz"
+    assert (f"train.py: stopped by {signum.name} at step {at}/12; checkpoint written to "
+            f"{checkpoint}; run the same command to resume.\n") in capsys.readouterr().out
+    assert json.loads(str(np.load(checkpoint)["meta"]))["step"] == at
+    assert run_train(*argv, "--workdir", tmp_path / "run") == reference, f"signal at {at}"
+    assert comparable(metrics(tmp_path / "run")) == comparable(metrics(tmp_path / "reference"))
+
+
+def test_stop_signals_ask_once_then_exit_and_leave_handlers_as_they_were():
+    """Inside stop_signals a first SIGTERM or SIGINT only sets the stop flag and a second one
+    exits at once (128 + its number); a signal the process ignores stays ignored; on leaving,
+    the previous handlers are back."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        before = [signal.getsignal(s) for s in train.STOP_SIGNALS]
+        with train.stop_signals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop["signal"] == signal.SIGTERM
+            with pytest.raises(SystemExit) as exit_info:
+                os.kill(os.getpid(), signal.SIGTERM)
+            assert exit_info.value.code == 128 + signal.SIGTERM
+        assert [signal.getsignal(s) for s in train.STOP_SIGNALS] == before
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cause", ["ENOSPC", "EACCES"])
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last(
+        tmp_path, monkeypatch, capsys, compile_cache, cause):
+    """A disk that fills up while a checkpoint is written (ENOSPC, after its first bytes), or
+    a workdir that refuses the rename (EACCES): the run stops with an error naming the file
+    and the cause, the previous checkpoint is intact and no temporary file is left. Once the
+    disk is fixed, the same command ends like an uninterrupted run."""
+    argv = [*SMALL, "--dataset", "synthetic", "--steps", 8, "--eval_every", 8,
+            "--ckpt_every", 3]
+    reference = run_train(*argv, "--workdir", tmp_path / "reference")
+    path = str(tmp_path / "run" / "checkpoint.npz")
+    savez, replace, written = np.savez, os.replace, []
+
+    def full_disk(file, **arrays):
+        if file.name == f"{path}.tmp":
+            written.append(path)
+            if len(written) == 2 and cause == "ENOSPC":
+                file.write(b"PK\x03\x04 the first bytes of a checkpoint")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        savez(file, **arrays)
+
+    def denied(src, dst):
+        if str(dst) == path and len(written) == 2 and cause == "EACCES":
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
+        replace(src, dst)
+    monkeypatch.setattr(np, "savez", full_disk)
+    monkeypatch.setattr(train.os, "replace", denied)
+    expect_error(capsys, f"cannot write the checkpoint {path}: "
+                 f"{os.strerror(getattr(errno, cause))} ({cause}); the previous one is untouched",
+                 *argv, "--workdir", tmp_path / "run")
+    monkeypatch.undo()
+    assert json.loads(str(np.load(path)["meta"]))["step"] == 3
+    assert not [name for name in os.listdir(tmp_path / "run") if name.endswith(".tmp")]
+    assert run_train(*argv, "--workdir", tmp_path / "run") == reference
+    assert comparable(metrics(tmp_path / "run")) == comparable(metrics(tmp_path / "reference"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PERMISSIONS_APPLY, reason="this process writes in read-only "
+                    "directories (root); the test above simulates the same failure")
+def test_a_workdir_made_read_only_stops_the_run_and_keeps_the_last_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    """A workdir made read-only (chmod 500) before the second checkpoint: the run stops with
+    EACCES naming the file; the first checkpoint is intact and no temporary file is left."""
+    argv = [*SMALL, "--dataset", "synthetic", "--steps", 8, "--eval_every", 8,
+            "--ckpt_every", 3, "--workdir", tmp_path / "run"]
+    save, calls = train.save_checkpoint, []
+
+    def read_only_then_save(path, state, meta):
+        calls.append(path)
+        if len(calls) == 2:
+            os.chmod(tmp_path / "run", 0o500)
+        save(path, state, meta)
+    monkeypatch.setattr(train, "save_checkpoint", read_only_then_save)
+    try:
+        expect_error(capsys, "checkpoint.npz: Permission denied (EACCES); the previous one is "
+                     "untouched", *argv)
+    finally:
+        os.chmod(tmp_path / "run", 0o700)
+    assert json.loads(str(np.load(tmp_path / "run" / "checkpoint.npz")["meta"]))["step"] == 3
+    assert not [name for name in os.listdir(tmp_path / "run") if name.endswith(".tmp")]
+
+
+def test_a_workdir_held_by_a_live_run_is_refused_and_a_stale_lock_is_taken(tmp_path, capsys):
+    """While another open file holds the workdir's lock (flock), a run there is refused at once,
+    naming the holder written in the lock file; a lock file nobody holds (its run died) is
+    taken over, with this process's pid."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with open(workdir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere, since 2025-01-01 00:00:00\n")
+        held.flush()
+        expect_error(capsys, "in use by another train.py (pid 4242 on elsewhere, since",
+                     *SMALL, "--dataset", "synthetic", "--workdir", workdir)
+    assert os.listdir(workdir) == [".lock"]  # still the holder's: nothing was written
+    with train.workdir_lock(str(workdir), training=True):
+        assert (workdir / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+
+
+@pytest.mark.slow
+def test_a_killed_run_does_not_block_its_workdir(tmp_path, capsys, compile_cache):
+    """A live process holding a workdir refuses a second run, which names its pid; SIGKILLed
+    (no chance to clean up), it leaves its lock file behind, and that no longer blocks."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, train\n"
+         "with train.workdir_lock(sys.argv[1], training=True):\n"
+         "    print('held', flush=True)\n    time.sleep(600)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, cwd=HERE, env=subprocess_env())
+    argv = [*SMALL, "--dataset", "synthetic", "--steps", 2, "--eval_every", 2,
+            "--workdir", tmp_path]
+    try:
+        assert holder.stdout.readline() == "held\n"
+        expect_error(capsys, f"in use by another train.py (pid {holder.pid} on ", *argv)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / ".lock").exists()
+    assert run_train(*argv)["step"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workdir", "{file}"], "is a file; pass a directory"),
+    (["--workdir", "{file}/run"], "cannot be created: {file} is a file"),
+    (["--data_md5", "zzz"], "--data_md5 must be an md5 checksum (32 hex digits), got 'zzz'"),
+    (["--coordinator_address", "127.0.0.1:1234"], "only apply with --distributed"),
+    (["--distributed", "--num_processes", 2], "go together: got only --num_processes"),
+    (["--distributed", "--coordinator_address", "127.0.0.1", "--num_processes", 2,
+      "--process_id", 0], "--coordinator_address must be HOST:PORT"),
+    (["--distributed", "--coordinator_address", "127.0.0.1:1234", "--num_processes", 2,
+      "--process_id", 2], "--process_id in [0, --num_processes), got 2 and 2"),
+])
+def test_bad_paths_checksums_and_process_flags_are_refused_before_any_work(
+        tmp_path, capsys, argv, message):
+    """A --workdir that is (or lies under) a file, a --data_md5 that is not an md5 and
+    inconsistent multi-process flags exit with a message naming them before any work; nothing
+    is written."""
+    file = tmp_path / "file"
+    file.write_text("not a directory")
+    argv = [str(a).format(file=file) for a in argv]
+    expect_error(capsys, message.format(file=file), "--dataset", "synthetic",
+                 "--workdir", tmp_path / "w", *argv)
+    assert os.listdir(tmp_path) == ["file"]
+
+
+@pytest.mark.skipif(not PERMISSIONS_APPLY, reason="this process writes in read-only "
+                    "directories (root)")
+def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path, capsys):
+    os.chmod(tmp_path, 0o500)
+    try:
+        expect_error(capsys, "this user cannot write in", "--dataset", "synthetic",
+                     "--workdir", tmp_path / "w")
+    finally:
+        os.chmod(tmp_path, 0o700)
 
 
 # ------------------------------------------------------------------------------------------

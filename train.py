@@ -7,17 +7,26 @@
   python train.py --workdir runs/x --sample 64     # a grid of 64 samples from it
 
 Re-running the same command in the same --workdir resumes from the last checkpoint and sees
-exactly the batches and noise an uninterrupted run would. Data-parallel over jax.devices().
+exactly the batches and noise an uninterrupted run would; SIGTERM or Ctrl-C first checkpoints
+the step in flight. Data-parallel over jax.devices() of one process, or of many processes on
+many hosts with --distributed.
 """
 
 import argparse
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import functools
 import json
 import math
 import os
+import re
+import signal
+import socket
 import struct
 import sys
+import threading
 import time
 import zlib
 
@@ -25,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 import data
@@ -164,12 +174,18 @@ def parse_args(argv=None) -> argparse.Namespace:
       "several, commas (e.g. 0.7,0.85,1.0), give one block of rows each")
     a("--eval_only", action="store_true", help="evaluate the latest checkpoint and exit")
     a("--distributed", action="store_true", help="call jax.distributed.initialize() first "
-      "(multi-host; one process per host)")
+      "(multi-host; one process per host): with the three flags below, or without them where "
+      "JAX detects the cluster (SLURM, Open MPI, Cloud TPU)")
+    a("--coordinator_address", metavar="HOST:PORT", help="--distributed: process 0's host and "
+      "a free port on it, the same for every process")
+    a("--num_processes", type=int, help="--distributed: how many processes the run has")
+    a("--process_id", type=int, help="--distributed: this process's number, 0 to "
+      "--num_processes - 1; process 0 writes the workdir")
     return p.parse_args(argv)
 
 
-ACTION_FLAGS = ("workdir", "sample", "labels", "temperature", "eval_only",
-                "distributed")  # not settings
+ACTION_FLAGS = ("workdir", "sample", "labels", "temperature", "eval_only", "distributed",
+                "coordinator_address", "num_processes", "process_id")  # not settings
 
 
 def default_preset(dataset: str, platform: str) -> tuple[str, str]:
@@ -232,6 +248,9 @@ def validate(f: dict) -> None:
     check("weight_decay", lambda v: v >= 0, "a number >= 0")
     for name in ("warmup", "b1", "b2", "label_dropout"):
         check(name, lambda v: 0 <= v < 1, "in [0, 1)")
+    md5 = f.get("data_md5")
+    if md5 is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", md5):
+        raise ValueError(f"--data_md5 must be an md5 checksum (32 hex digits), got {md5!r}.")
 
 
 # ------------------------------------------------------------------------------------------
@@ -276,13 +295,25 @@ def flatten(tree) -> dict[str, np.ndarray]:
 
 
 def save_checkpoint(path: str, state: dict, meta: dict) -> None:
+    """Writes `path` whole or not at all. A write that fails (disk full, permission denied, the
+    workdir gone) leaves the previous checkpoint as it was and no temporary file, and raises a
+    ValueError naming the path and the cause."""
     arrays = flatten(state) | {"meta": np.array(json.dumps(meta))}
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a reader sees the old or the new checkpoint, never half
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a reader sees the old or the new checkpoint, never half
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        kept = ("the previous one is untouched" if os.path.exists(path) else
+                "there is no earlier one")
+        raise ValueError(f"cannot write the checkpoint {path}: {os_error(e)}; {kept}. Free "
+                         "space or fix the permissions, then run the same command to resume "
+                         "from the last checkpoint.") from e
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -534,7 +565,8 @@ def sample_rows(state: dict, cfg: jet.Config, f: dict, n: int, temperatures, sam
     one block per temperature: an unconditional model's n samples, ceil(sqrt(n)) a row; a
     conditional model's n per class of `classes` (default: every class, at most 20), then n
     from the zero context if it was trained with label dropout. Every row of a block starts
-    from the same noise, so a column shows one latent under each label."""
+    from the same noise, so a column shows one latent under each label. Every process draws
+    them (one computation over all devices)."""
     key = run_keys(jax.random.wrap_key_data(state["rng"]))["sample"]
     K, rows = cfg.context_dim, []
     for t in temperatures:
@@ -554,8 +586,9 @@ def sample_rows(state: dict, cfg: jet.Config, f: dict, n: int, temperatures, sam
 
 
 def write_samples(path: str, rows: list[np.ndarray]) -> None:
-    """A PNG of these rows of samples, upscaled to about GRID_WIDTH pixels across."""
-    write_png(path, rows, grid_scale(max(map(len, rows)), rows[0].shape[2]))
+    """A PNG of these rows of samples, upscaled to about GRID_WIDTH pixels across; written by
+    process 0."""
+    on_main(write_png, path, rows, grid_scale(max(map(len, rows)), rows[0].shape[2]))
 
 
 def format_seconds(seconds: float) -> str:
@@ -571,10 +604,11 @@ def format_seconds(seconds: float) -> str:
 
 def main(argv=None, model=None) -> dict:
     args = parse_args(argv)
-    if args.distributed:
-        jax.distributed.initialize()
     try:
-        return run(args, model or JET)
+        start_distributed(args)
+        check_workdir(args.workdir, writes=not args.eval_only)
+        with workdir_lock(args.workdir, training=not (args.sample or args.eval_only)):
+            return run(args, model or JET)
     except ValueError as e:  # bad flags, data or checkpoint: one clear line, no traceback
         sys.exit(f"train.py: error: {e}")
 
@@ -583,6 +617,7 @@ def run(args, model=JET) -> dict:
     """train.py's three commands: --sample, --eval_only, or training (new or resumed)."""
     start_time = time.time()
     ckpt = open_checkpoint(args, model)
+    check_same_checkpoint(args.workdir, ckpt["meta"])
     f, cfg = run_settings(args, ckpt["meta"])
     if args.sample:
         return sample_command(args, f, cfg, ckpt, model)
@@ -595,8 +630,9 @@ def run(args, model=JET) -> dict:
                                 evaluators, start_time, model)
     del ckpt["arrays"]  # the host copy of a restored state is no longer needed
     print_header(f, cfg, state, sets)
-    return train_loop(args, f, cfg, replicate(state), ckpt["meta"], sets, put_batch, evaluators,
-                      model, plan)
+    with stop_signals() as stop:
+        return train_loop(args, f, cfg, replicate(state), ckpt["meta"], sets, put_batch,
+                          evaluators, model, stop, plan)
 
 
 def open_checkpoint(args, model) -> dict:
@@ -760,7 +796,7 @@ def initial_state(args, f, cfg, ckpt, train, put_batch, replicate, evaluators, s
                           model["forward"])
         plan["own_cadences"] = [k for k in ("eval_every", "ckpt_every", "log_every")
                                 if getattr(args, k) is None]
-        set_steps(f, plan, plan.pop("steps"))
+        set_steps(f, plan, from_process_0({"steps": plan.pop("steps")})["steps"])
     return new_state(params, perms, make_optimizer(f), rng), plan
 
 
@@ -824,11 +860,12 @@ def plan_steps(f, cfg, params, perms, train, put_batch, evaluators, start_time,
 def replan(f: dict, plan: dict, log: dict, step: int) -> None:
     """Re-times a --time_budget run once, at its first checkpoint: the timing phase measures a
     few steps on a fresh process, which can be a fifth off the speed of training under way;
-    the steps since the first give the rate that sets the final step count. Every checkpoint
-    then holds the final count, so a resumed run is exact."""
+    the steps since the first give the rate that sets the final step count (process 0's, in a
+    multi-process run). Every checkpoint then holds the final count, so a resumed run is
+    exact."""
     seconds = (time.time() - log["started"][0]) / (step - log["started"][1])
     left = plan["end"] - time.time() - plan["reserved_s"]
-    steps = max(step, step + int(left / seconds))
+    steps = from_process_0({"steps": max(step, step + int(left / seconds))})["steps"]
     print(f"Re-timed at step {step}: {seconds * 1e3:.0f} ms/step (the timing phase measured "
           f"{plan['step_s'] * 1e3:.0f}): {steps} steps instead of {f['steps']}.", flush=True)
     set_steps(f, plan, steps)
@@ -873,13 +910,14 @@ def print_header(f: dict, cfg: jet.Config, state: dict, sets: dict) -> None:
 # The training loop and what it does at its cadences: log lines, evaluations, checkpoints
 
 
-def train_loop(args, f, cfg, state, meta, sets, put_batch, evaluators, model,
+def train_loop(args, f, cfg, state, meta, sets, put_batch, evaluators, model, stop,
                plan=None) -> dict:
     """Steps from the checkpoint's (or 0) to f["steps"]: one jitted update per batch, a log
     line every --log_every steps (and a shorter one at least every PROGRESS_SECONDS), an
     evaluation with a sample grid and the best checkpoint every --eval_every, a checkpoint
-    every --ckpt_every; each also at the last step. A new --time_budget run (plan) is
-    re-timed at its first checkpoint."""
+    every --ckpt_every; each also at the last step. Asked to stop (`stop`, stop_signals), it
+    checkpoints the step it has just taken and exits (stop_at). A new --time_budget run
+    (plan) is re-timed at its first checkpoint."""
     step = (meta or {}).get("step", 0)
 
     def make_step():  # the schedule inside depends on f["steps"]
@@ -913,31 +951,30 @@ def train_loop(args, f, cfg, state, meta, sets, put_batch, evaluators, model,
             result |= evaluate_at(log, state, step, cfg, f, keys, evaluators, out, model)
         if step % f["ckpt_every"] == 0 or step == f["steps"]:
             out["save"](out["checkpoint"], state, step, log)
+        if (signum := agreed_stop(stop, put_batch)) and step < f["steps"]:
+            stop_at(signum, step, state, log, f, out)
     return result | {"step": step}
 
 
 def open_outputs(workdir: str, f: dict, cfg: jet.Config, model, step: int) -> dict:
-    """What the loop writes, by process 0 only: metrics.jsonl records ("log") and checkpoints
-    ("save"); records of steps after `step` (written by an interrupted run) are dropped."""
-    is_main = jax.process_index() == 0
+    """What the loop writes in the workdir (created by workdir_lock), by process 0 only
+    (on_main): metrics.jsonl records ("record") and checkpoints ("save"); records of steps
+    after `step` (written by an interrupted run) are dropped. Every process calls them, so
+    that a failed write stops all of them."""
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        keep_metrics_up_to(metrics_path, step)
+    on_main(keep_metrics_up_to, metrics_path, step)
 
-    def write_record(record: dict) -> None:
-        if is_main:
-            with open(metrics_path, "a") as out:
-                out.write(json.dumps(record) + "\n")
+    def append(record: dict) -> None:
+        with open(metrics_path, "a") as out:
+            out.write(json.dumps(record) + "\n")
 
     def save(path: str, state: dict, step: int, log: dict, extra=None) -> None:
-        if is_main:
-            save_checkpoint(path, state, {
-                "format": CHECKPOINT_FORMAT, "model": model["name"], "step": step,
-                "config": dataclasses.asdict(cfg), "flags": f,
-                "data": {"seed": f["seed"], "next_batch": step},
-                "log_window": log["window"], "best_bpd": log["best"], **(extra or {})})
-    return {"record": write_record, "save": save, "is_main": is_main, "workdir": workdir,
+        on_main(save_checkpoint, path, state, {
+            "format": CHECKPOINT_FORMAT, "model": model["name"], "step": step,
+            "config": dataclasses.asdict(cfg), "flags": f,
+            "data": {"seed": f["seed"], "next_batch": step},
+            "log_window": log["window"], "best_bpd": log["best"], **(extra or {})})
+    return {"record": functools.partial(on_main, append), "save": save, "workdir": workdir,
             "checkpoint": os.path.join(workdir, "checkpoint.npz")}
 
 
@@ -1011,16 +1048,231 @@ def evaluate_at(log, state, step, cfg, f, keys, evaluators, out, model) -> dict:
         record |= {f"{prefix}_{stat}": v for stat, v in stats.items()}
     print(f"step {step}/{f['steps']} | " + describe(record), flush=True)
     out["record"](record)
-    if out["is_main"]:
-        write_samples(os.path.join(out["workdir"], f"samples_{step:07d}.png"),
-                      sample_rows(state, cfg, f, GRID // 8 if cfg.context_dim else GRID,
-                                  out["temperature"], model["sample"]))
-        if record[f"{held}_bpd"] < log["best"]:
-            log["best"] = record[f"{held}_bpd"]
-            out["save"](os.path.join(out["workdir"], "checkpoint_best.npz"), state, step, log,
-                        {f"{held}_bpd": log["best"]})
+    write_samples(os.path.join(out["workdir"], f"samples_{step:07d}.png"),
+                  sample_rows(state, cfg, f, GRID // 8 if cfg.context_dim else GRID,
+                              out["temperature"], model["sample"]))
+    if record[f"{held}_bpd"] < log["best"]:
+        log["best"] = record[f"{held}_bpd"]
+        out["save"](os.path.join(out["workdir"], "checkpoint_best.npz"), state, step, log,
+                    {f"{held}_bpd": log["best"]})
     log.update(timer=(time.time(), step), last_line=time.time())  # img/s counts training only
     return record
+
+
+# ------------------------------------------------------------------------------------------
+# What clusters do to runs: many processes, preemption, full disks, two runs in one workdir
+
+
+def start_distributed(args) -> None:
+    """--distributed: joins the run's other processes (jax.distributed.initialize) at the
+    coordinator the three flags name, or where JAX's auto-detection finds it without them
+    (SLURM, Open MPI, Cloud TPU). Bad flags are refused before anything starts."""
+    given = {"coordinator_address": args.coordinator_address,
+             "num_processes": args.num_processes, "process_id": args.process_id}
+    named = [f"--{k}" for k, v in given.items() if v is not None]
+    if not args.distributed:
+        if named:
+            raise ValueError(f"{', '.join(named)} only apply with --distributed; add it, or "
+                             "drop them for a one-process run.")
+        return
+    if named and len(named) < 3:
+        raise ValueError("--coordinator_address, --num_processes and --process_id go together:"
+                         f" got only {', '.join(named)}. Pass all three, or none where JAX "
+                         "detects the cluster (SLURM, Cloud TPU).")
+    if named:
+        check_coordinator(**given)
+    # The CPU backend runs collectives across processes only with an implementation chosen
+    # before it starts (gloo ships with jaxlib); GPU and TPU backends do not read the setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**given)
+
+
+def check_coordinator(coordinator_address: str, num_processes: int, process_id: int) -> None:
+    host, _, port = coordinator_address.rpartition(":")
+    if not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"--coordinator_address must be HOST:PORT, process 0's host and a free "
+                         f"port on it (e.g. 10.0.0.1:1234), got {coordinator_address!r}.")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ValueError(f"--num_processes must be >= 1 and --process_id in [0, "
+                         f"--num_processes), got {num_processes} and {process_id}.")
+
+
+def check_workdir(workdir: str, writes: bool) -> None:
+    """--workdir is a directory (or can be made one) that this user can write when the command
+    `writes`: found out before any work, not when the first checkpoint is due."""
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path):  # the nearest existing ancestor
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        problem = ("is a file" if path == os.path.abspath(workdir) else
+                   f"cannot be created: {path} is a file")
+        raise ValueError(f"--workdir {workdir} {problem}; pass a directory (it is created if "
+                         "missing).")
+    if writes and not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir {workdir}: this user cannot write in {path} (permission "
+                         "denied); fix its permissions or pass another --workdir.")
+
+
+LOCK = ".lock"  # in the workdir while a run trains there: that process's pid and host
+
+
+def take_lock(workdir: str) -> int:
+    """A descriptor of <workdir>/.lock holding an exclusive flock, with this process's pid and
+    host written in it; a ValueError naming the holder when a live process holds it. The
+    kernel drops a flock when its process dies, however it dies (SIGKILL, power loss), so a
+    lock file left behind never blocks the next run."""
+    os.makedirs(workdir, exist_ok=True)
+    fd = os.open(os.path.join(workdir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 256).decode(errors="replace").strip() or "pid not yet written"
+        os.close(fd)
+        raise ValueError(f"{workdir} is in use by another train.py ({holder}); two runs in one "
+                         "workdir would overwrite each other's checkpoints. Wait for it to end,"
+                         " stop it, or pass another --workdir.") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    return fd
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, training: bool):
+    """Holds the workdir's lock (take_lock) while a training run uses it. Process 0 takes it
+    for the whole run, and its refusal stops every process. A workdir made here and still
+    empty at the end (the run stopped on bad input) is removed again."""
+    fd, error, made = None, None, not os.path.isdir(workdir)
+    if training and jax.process_index() == 0:
+        try:
+            fd = take_lock(workdir)
+        except OSError as e:  # e.g. a filesystem without locks
+            error = ValueError(f"cannot lock {workdir}/{LOCK}: {os_error(e)}.")
+        except ValueError as e:
+            error = e
+    try:
+        agree_on_error(error)
+        yield
+    finally:
+        if fd is not None:
+            if made and os.listdir(workdir) == [LOCK]:
+                os.remove(os.path.join(workdir, LOCK))
+                os.rmdir(workdir)
+            os.close(fd)  # after the removal: no other run can hold the lock in between
+
+
+def os_error(e: OSError) -> str:
+    """An OSError's cause in words and by name, e.g. "No space left on device (ENOSPC)"."""
+    return f"{e.strerror or e} ({errno.errorcode.get(e.errno, 'unknown error')})"
+
+
+def agree_on_error(error: Exception | None) -> None:
+    """Raises `error`, and on every other process a ValueError, when it occurred on any: in a
+    multi-process run a process that stopped alone would leave the others waiting in their
+    next collective, and itself in JAX's shutdown barrier, for minutes."""
+    if jax.process_count() > 1:
+        failed = multihost_utils.process_allgather(np.int32(error is not None))
+        if error is None and failed.any():
+            error = ValueError(f"process {int(np.argmax(failed))} stopped with an error (its "
+                               "output says which), so this process stops too.")
+    if error is not None:
+        raise error
+
+
+def on_main(write, *args) -> None:
+    """write(*args) on process 0, the one process that writes files. Every process calls it,
+    so that a failure (disk full, permission denied, a vanished workdir) stops all of them
+    with a ValueError that names the file and the cause."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            write(*args)
+        except OSError as e:
+            error = ValueError(f"cannot write {e.filename or 'in the workdir'}: {os_error(e)}. "
+                               "Free space or fix the permissions, then run the same command "
+                               "to resume from the last checkpoint.")
+        except ValueError as e:
+            error = e
+    agree_on_error(error)
+
+
+def from_process_0(values: dict) -> dict:
+    """Process 0's values (ints) on every process."""
+    if jax.process_count() == 1:
+        return values
+    return {k: v.item() for k, v in multihost_utils.broadcast_one_to_all(values).items()}
+
+
+def check_same_checkpoint(workdir: str, meta: dict | None) -> None:
+    """Every process reads the checkpoint itself, so all must have found the same one."""
+    if jax.process_count() > 1:
+        steps = multihost_utils.process_allgather(np.int64(-1 if meta is None else meta["step"]))
+        if len(set(steps.tolist())) > 1:
+            raise ValueError(f"the processes found different checkpoints in {workdir} (steps "
+                             f"{steps.tolist()} by process, -1: none); --workdir must be one "
+                             "directory that every host sees (a shared filesystem).")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what a scheduler sends to preempt
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While it lasts, SIGINT and SIGTERM only ask the training loop to stop (the yielded
+    dict's "signal"): it finishes the step in flight, checkpoints it and exits (stop_at). A
+    second one exits at once. Afterwards the previous handlers are back. A signal that this
+    process ignores stays ignored (a shell's background job ignores Ctrl-C); handlers can
+    only be set from the main thread, so elsewhere nothing changes."""
+    stop = {"signal": 0, "flags": {}, "sent": []}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+    def ask(signum, frame):
+        if stop["signal"]:
+            raise SystemExit(128 + signum)
+        stop["signal"] = signum
+    if threading.current_thread() is not threading.main_thread():
+        previous = {}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, ask)
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():  # None: a handler set outside Python (JAX's)
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+max_jit = jax.jit(jnp.max)  # the stop agreement's all-reduce
+STOP_LAG = 2  # steps from sending a stop flag to reading the agreement: by then it has run
+
+
+def agreed_stop(stop: dict, put_batch) -> int:
+    """The signal on which every process stops after this step; 0: go on. One process reads
+    its own flag. Several agree on the largest flag with a tiny all-reduce, sent after every
+    step and read STOP_LAG steps later: it runs behind the training steps instead of stalling
+    the host, and every process reads the same value after the same step."""
+    if jax.process_count() == 1:
+        return stop["signal"]
+    if stop["signal"] not in stop["flags"]:  # one transfer per value, not one per step
+        stop["flags"][stop["signal"]] = put_batch(
+            np.full(jax.device_count(), stop["signal"], np.int32))
+    stop["sent"].append(max_jit(stop["flags"][stop["signal"]]))
+    return int(stop["sent"].pop(0)) if len(stop["sent"]) > STOP_LAG else 0
+
+
+def stop_at(signum: int, step: int, state: dict, log: dict, f: dict, out: dict) -> None:
+    """Ends a run asked to stop: checkpoints the step just taken (its loss in the log window,
+    so the resumed run logs the same means), says so, and exits with 128 + the signal's
+    number (130 for SIGINT, 143 for SIGTERM), as a process killed by it would."""
+    if log["pending"]:
+        log["window"].append(check_finite(*log["pending"], out["workdir"]))
+        log["pending"] = None
+    if step % f["ckpt_every"]:  # else the loop has just written this step's checkpoint
+        out["save"](out["checkpoint"], state, step, log)
+    print(f"train.py: stopped by {signal.Signals(signum).name} at step {step}/{f['steps']}; "
+          f"checkpoint written to {out['checkpoint']}; run the same command to resume.",
+          flush=True)
+    raise SystemExit(128 + signum)
 
 
 # ------------------------------------------------------------------------------------------
