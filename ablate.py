@@ -9,14 +9,12 @@ convolution FLOPs per image), with several seeds, and prints a markdown table.
   python ablate.py --quick           # seconds: every experiment, tiny models, synthetic data
 
 Training, data and evaluation are train.py's (train.main with a `model`); this file only
-adds what jet.py deliberately leaves out: a CNN coupling network, and the bijections earlier
-flows put between couplings (ActNorm, an invertible dense layer over each token's D values).
+adds what jet.py deliberately leaves out: a CNN coupling network, the bijections earlier
+flows put between couplings (ActNorm, an invertible dense layer over each token's D values),
+and multiscale factoring (Real NVP, Glow: half of each token's dims leave the flow part-way).
 Results are appended to <workdir>/results.jsonl; a run already there (same variant flags,
 seed, budget and data) is read back instead of trained again, so an interrupted experiment
 resumes where it stopped and experiments share their common baseline runs.
-
-Multiscale factoring (Real NVP, Glow) is not here: it changes the flow's structure (latents
-leave the flow half-way, later couplings see fewer dims), not a piece between couplings.
 """
 
 import argparse
@@ -154,6 +152,11 @@ def token_dense_inverse(p, y):
 # ------------------------------------------------------------------------------------------
 # Variants and the flow they define: [ActNorm] [dense] coupling, repeated `depth` times
 
+# How a multiscale flow scores the factored-out dims: "normal", a standard normal (Real NVP,
+# JetFormer); "split2d", a Gaussian whose mean and scale a layer reads from the kept dims (Glow).
+MULTISCALE_PRIORS = ("", "normal", "split2d")
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One arm of an experiment: train.py flags over the cpu preset, plus what jet.py lacks."""
@@ -164,10 +167,23 @@ class Variant:
     cnn_blocks: int = 1  # residual blocks of the CNN; its width matches the ViT's FLOPs
     actnorm: bool = False  # an ActNorm before every coupling
     dense: bool = False  # an invertible dense layer over each token before every coupling
+    multiscale: str = ""  # factor out half of each token's dims: "normal" or "split2d" prior
+    factor_after: int | None = None  # couplings before the factoring; None: depth // 2
+
+    def __post_init__(self):
+        if self.multiscale not in MULTISCALE_PRIORS:
+            raise ValueError(f"Variant {self.name!r}: multiscale={self.multiscale!r} must be "
+                             f"one of {MULTISCALE_PRIORS} ('' is the single-scale flow).")
+        if self.multiscale and (self.net != "vit" or self.actnorm or self.dense):
+            raise ValueError(f"Variant {self.name!r}: multiscale factoring runs on the plain "
+                             "ViT flow only; drop net, actnorm and dense, or multiscale.")
+        if self.factor_after is not None and not self.multiscale:
+            raise ValueError(f"Variant {self.name!r}: factor_after={self.factor_after} needs "
+                             "multiscale='normal' or 'split2d'.")
 
     @property
     def is_jet(self) -> bool:
-        return self.net == "vit" and not (self.actnorm or self.dense)
+        return self.net == "vit" and not (self.actnorm or self.dense or self.multiscale)
 
 
 def coupling_network(v: Variant, cfg: jet.Config, index):
@@ -238,10 +254,10 @@ def flow_inverse(params, perms, z, cfg: jet.Config, compute_dtype=None, *, v: Va
 
 
 def flow_sample(params, perms, key, n, cfg: jet.Config, temperature=1.0, compute_dtype=None,
-                *, v: Variant):
-    """As jet.sample, through flow_inverse."""
+                *, v: Variant, inverse=flow_inverse):
+    """As jet.sample, through `inverse` (flow_inverse, or multiscale_inverse)."""
     z = temperature * jax.random.normal(key, (n, *cfg.image_shape))
-    x, _ = flow_inverse(params, perms, z, cfg, compute_dtype, v=v)
+    x, _ = inverse(params, perms, z, cfg, compute_dtype, v=v)
     return jet.quantize(x)
 
 
@@ -256,27 +272,187 @@ def flow_data_init(params, perms, x, cfg: jet.Config, *, v: Variant) -> dict:
     return params
 
 
+# ------------------------------------------------------------------------------------------
+# Multiscale factoring: F couplings on [B, N, D], then half of each token's dims leaves the
+# flow, then the other depth - F couplings on the kept [B, N, D/2]
+#
+# The whole is one bijection x [B, H, W, C] -> z [B, H, W, C] with N(0, I) on all of z, so
+# train.py's loss (jet.bits_per_dim) and sampling apply unchanged: z's tokens are (stage-2
+# output, eps), where eps is the factored-out half, standardised under its prior (Glow's
+# split2d: eps = (out - mean) / scale, whose log-det turns N(eps; 0, I) into N(out; mean, scale)).
+
+def factor_point(cfg: jet.Config, v: Variant) -> int:
+    """F, the number of couplings before the factoring, checked against the Config."""
+    F = cfg.depth // 2 if v.factor_after is None else v.factor_after
+    if not 1 <= F < cfg.depth:
+        raise ValueError(f"Variant {v.name!r}: factoring after {F} of depth={cfg.depth} "
+                         "couplings; it needs couplings on both sides (1 <= factor_after < "
+                         "depth): raise depth or change factor_after.")
+    if cfg.token_dim % 4:
+        raise ValueError(f"Variant {v.name!r}: the couplings after the factoring split the "
+                         f"kept D/2 = {cfg.token_dim // 2} dims of each token in two; use a "
+                         "patch_size and channel count with P*P*C divisible by 4.")
+    return F
+
+
+def multiscale_perms(key, cfg: jet.Config, F: int) -> jax.Array:
+    """int32 [depth, N*D]: one array of jet's shape rather than a pytree of two stages, because
+    train.py restores checkpoints into that shape (state_template), so multiscale runs resume,
+    evaluate and sample as jet's do. Rows :F are jet.init_perms's; row i >= F holds coupling
+    i's split index over the kept [N, D/2] tokens (channels: a random permutation of D/2 dims;
+    spatial: jet's pattern, on whole tokens) in its first N*D/2 entries, padded with
+    N*D/2 + arange(N*D/2) so that every row is still a permutation of N*D, as in jet."""
+    N, half = cfg.num_tokens, cfg.token_dim // 2
+    rows = []
+    for i, (kind, proj) in enumerate(cfg.couplings()[F:], start=F):
+        if kind == "channels":  # fold_in(key, i) as jet.init_perms, over D/2 dims
+            perm = jax.random.permutation(jax.random.fold_in(key, i), half)
+            rows.append(jet.channel_split_index(perm, N))
+        else:
+            mask = jet.spatial_pattern(proj, *cfg.grid).reshape(-1)
+            tokens = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
+            rows.append(jet.spatial_split_index(jnp.asarray(tokens), half))
+    rest = N * half + jnp.arange(N * half)  # the factored-out values: never read
+    stage2 = jnp.stack([jnp.concatenate([row, rest]) for row in rows])
+    return jnp.concatenate([jet.init_perms(key, cfg)[:F], stage2.astype(jnp.int32)])
+
+
+def init_narrow_coupling_net(key, cfg: jet.Config, width: int) -> dict:
+    """One coupling's ViT as jet.init_coupling_net, for tokens of `width` dims: its input layer
+    reads width/2 dims, its zero output layer writes b and s of width/2 each."""
+    k_net, k_in, k_out = jax.random.split(key, 3)
+    p = jet.init_coupling_net(k_net, cfg)
+    p["init_proj"] = jet.init_dense(k_in, width // 2, cfg.emb_dim)
+    p["final_proj"] = jet.init_dense(k_out, cfg.emb_dim, width, jax.nn.initializers.zeros)
+    return p
+
+
+def init_multiscale(key, cfg: jet.Config, v: Variant) -> tuple[dict, jax.Array]:
+    """Params {"stage1": [F] coupling nets, "stage2": [depth - F] narrow ones[, "split2d": a
+    zero dense layer D/2 -> D]} and multiscale_perms. At init the flow is the identity (k = 2)."""
+    F, D = factor_point(cfg, v), cfg.token_dim
+    k_params, k_perms = jax.random.split(key)  # as jet.init
+    keys = jax.random.split(k_params, cfg.depth)
+    params = {"stage1": jax.vmap(lambda k: jet.init_coupling_net(k, cfg))(keys[:F]),
+              "stage2": jax.vmap(lambda k: init_narrow_coupling_net(k, cfg, D // 2))(keys[F:])}
+    if v.multiscale == "split2d":  # zero: mean 0, scale 1 at init, as Glow's Conv2dZeros
+        params["split2d"] = jet.init_dense(jax.random.fold_in(k_params, 1), D // 2, D,
+                                           jax.nn.initializers.zeros)
+    return params, multiscale_perms(k_perms, cfg, F)
+
+
+def coupling_scan(params, indices, h, k, coupling, remat=False, reverse=False):
+    """h [B, N, D'] through the couplings params[i] with split indices indices[i] [L, N*D'], in
+    order (reverse: last first, for the inverse); returns h and the summed log-det [B]."""
+    def step(h, layer):
+        p, index = layer
+        return coupling(p, index, h, k)
+    step = jax.checkpoint(step, policy=jet.remat_policy(remat))
+    h, logdets = jax.lax.scan(step, h, (params, indices), reverse=reverse)  # logdets [L, B]
+    return h, logdets.sum(0)
+
+
+def factor_out(p, h):
+    """h [B, N, D] -> kept [B, N, D/2], eps [B, N, D/2], log|det| [B]. The last D/2 dims of
+    each token leave, a fixed half as in Glow: the random permutations of the channel couplings
+    before it make no half special. p None: eps = out (standard normal prior); p a dense layer
+    (split2d): mean, log_scale = p(kept), eps = (out - mean) / exp(log_scale)."""
+    kept, out = jnp.split(h, 2, axis=-1)
+    if p is None:
+        return kept, out, jnp.zeros(h.shape[:1], h.dtype)
+    mean, log_scale = jnp.split(jet.dense(p, kept), 2, axis=-1)
+    return kept, (out - mean) * jnp.exp(-log_scale), -log_scale.sum((1, 2))
+
+
+def factor_in(p, kept, eps):
+    """The exact inverse of factor_out: kept, eps [B, N, D/2] -> h [B, N, D], log|det| [B]."""
+    if p is None:
+        return jnp.concatenate([kept, eps], axis=-1), jnp.zeros(kept.shape[:1], kept.dtype)
+    mean, log_scale = jnp.split(jet.dense(p, kept), 2, axis=-1)
+    out = eps * jnp.exp(log_scale) + mean
+    return jnp.concatenate([kept, out], axis=-1), log_scale.sum((1, 2))
+
+
+def _check_multiscale(x, perms, cfg: jet.Config, v: Variant, name: str) -> int:
+    """Raises ValueError, at trace time, for inputs that do not fit the Config; returns F."""
+    if x.ndim != 4 or tuple(x.shape[1:]) != cfg.image_shape:
+        raise ValueError(f"{name} must be [B, H, W, C] with (H, W, C) = {cfg.image_shape}, "
+                         f"got shape {tuple(x.shape)}.")
+    expected = (cfg.depth, cfg.num_tokens * cfg.token_dim)
+    if tuple(perms.shape) != expected:
+        raise ValueError(f"perms has shape {tuple(perms.shape)} but this Config needs "
+                         f"{expected}; were they made for another Config?")
+    return factor_point(cfg, v)
+
+
+def multiscale_forward(params, perms, x, cfg: jet.Config, remat=False, compute_dtype=None, *,
+                       v: Variant):
+    """x [B, H, W, C] -> z [B, H, W, C], log|det dz/dx| [B]; jet.forward's signature."""
+    _check_dtype(compute_dtype)
+    F, P, k = _check_multiscale(x, perms, cfg, v, "x"), cfg.patch_size, cfg.scale_factor
+    half = cfg.num_tokens * cfg.token_dim // 2  # stage 2 reads this much of its perms rows
+    h, logdet1 = coupling_scan(params["stage1"], perms[:F], jet.patchify(x, P), k,
+                               jet.coupling_forward, remat)  # [B, N, D]
+    kept, eps, logdet2 = factor_out(params.get("split2d"), h)  # each [B, N, D/2]
+    y, logdet3 = coupling_scan(params["stage2"], perms[F:, :half], kept, k,
+                               jet.coupling_forward, remat)  # [B, N, D/2]
+    z = jet.unpatchify(jnp.concatenate([y, eps], axis=-1), P, cfg.image_shape)
+    return z, logdet1 + logdet2 + logdet3
+
+
+def multiscale_inverse(params, perms, z, cfg: jet.Config, compute_dtype=None, *, v: Variant):
+    """z [B, H, W, C] -> x, log|det dx/dz| [B]: multiscale_forward's steps undone, last first."""
+    _check_dtype(compute_dtype)
+    F, P, k = _check_multiscale(z, perms, cfg, v, "z"), cfg.patch_size, cfg.scale_factor
+    half = cfg.num_tokens * cfg.token_dim // 2
+    y, eps = jnp.split(jet.patchify(z, P), 2, axis=-1)  # each [B, N, D/2]
+    kept, logdet3 = coupling_scan(params["stage2"], perms[F:, :half], y, k,
+                                  jet.coupling_inverse, reverse=True)
+    h, logdet2 = factor_in(params.get("split2d"), kept, eps)  # [B, N, D]
+    x, logdet1 = coupling_scan(params["stage1"], perms[:F], h, k, jet.coupling_inverse,
+                               reverse=True)
+    return jet.unpatchify(x, P, cfg.image_shape), logdet3 + logdet2 + logdet1
+
+
+# ------------------------------------------------------------------------------------------
+# A variant as train.py's model, and its cost
+
+def model_name(v: Variant) -> str:
+    """Recorded in checkpoints: a workdir refuses to resume as another model."""
+    factor = f"+factor{v.factor_after or ''}-{v.multiscale}" if v.multiscale else ""
+    return (f"ablate:{v.net}{v.cnn_blocks if v.net == 'cnn' else ''}"
+            f"{'+actnorm' * v.actnorm}{'+dense' * v.dense}{factor}")
+
+
 def make_model(v: Variant) -> dict:
-    """What train.main trains for this variant: jet itself, or the flow above."""
+    """What train.main trains for this variant: jet itself, or one of the flows above."""
     if v.is_jet:
         return train.JET
-    model = {"name": f"ablate:{v.net}{v.cnn_blocks if v.net == 'cnn' else ''}"
-                     f"{'+actnorm' * v.actnorm}{'+dense' * v.dense}",
-             "init": functools.partial(init_flow, v=v),
-             "forward": functools.partial(flow_forward, v=v),
-             "sample": jax.jit(functools.partial(flow_sample, v=v), static_argnums=(3, 4, 6))}
+    init, forward, inverse = ((init_multiscale, multiscale_forward, multiscale_inverse)
+                              if v.multiscale else (init_flow, flow_forward, flow_inverse))
+    model = {"name": model_name(v),
+             "init": functools.partial(init, v=v),
+             "forward": functools.partial(forward, v=v),
+             "sample": jax.jit(functools.partial(flow_sample, v=v, inverse=inverse),
+                               static_argnums=(3, 4, 6))}
     if v.actnorm:
         model["data_init"] = functools.partial(flow_data_init, v=v)
     return model
 
 
 def forward_flops(cfg: jet.Config, v: Variant) -> int:
-    """Forward FLOPs per image: coupling networks, plus the dense layers' matmuls."""
+    """Forward FLOPs per image: coupling networks, plus the dense layers' matmuls. A multiscale
+    flow's couplings after the factoring have input and output layers for D/2-wide tokens
+    (D/4 -> E and E -> D/2 instead of D/2 -> E and E -> D); split2d adds its D/2 -> D layer."""
+    N, D, E = cfg.num_tokens, cfg.token_dim, cfg.emb_dim
     if v.net == "vit":
         flops = train.forward_flops(cfg)
     else:
         flops = cfg.depth * cnn_flops(cfg, cnn_width(cfg, v.cnn_blocks), v.cnn_blocks)
-    return flops + v.dense * cfg.depth * 2 * cfg.num_tokens * cfg.token_dim ** 2
+    if v.multiscale:
+        flops -= 2 * (cfg.depth - factor_point(cfg, v)) * N * E * (D // 4 + D // 2)
+        flops += (v.multiscale == "split2d") * 2 * N * (D // 2) * D
+    return flops + v.dense * cfg.depth * 2 * N * D ** 2
 
 
 # ------------------------------------------------------------------------------------------
@@ -312,6 +488,11 @@ EXPERIMENTS = {
         BASE,
         Variant("P=2: 256 tokens of 12 dims (the paper's token count)",
                 (("patch_size", 2),)))),
+    "multiscale": ("multiscale factoring brings Jet no gain", (
+        BASE,
+        Variant("+ factor out half of each token's dims after 12 couplings, standard normal "
+                "(Real NVP)", multiscale="normal"),
+        Variant("+ the same with Glow's split2d prior", multiscale="split2d"))),
 }
 # --quick: a seconds-long smoke run of the whole path on train.py's synthetic 16x16 images.
 QUICK = dict(emb_dim=8, num_heads=2, batch_size=8, eval_batch_size=128, log_every=1)
@@ -329,10 +510,14 @@ def run_flags(v: Variant, quick: bool) -> dict:
 # Running: each (variant, seed) is one train.py run for budget / (train FLOPs x batch) steps
 
 def run_key(v: Variant, seed: int, args) -> dict:
-    """What determines a run's result (not its name): runs with equal keys are shared."""
-    return {"flags": run_flags(v, args.quick), "net": v.net, "cnn_blocks": v.cnn_blocks,
-            "actnorm": v.actnorm, "dense": v.dense, "seed": seed, "budget": args.budget,
-            "dataset": args.dataset, "quick": args.quick}
+    """What determines a run's result (not its name): runs with equal keys are shared. The
+    multiscale fields appear only when set, so single-scale runs keep their stored ids."""
+    key = {"flags": run_flags(v, args.quick), "net": v.net, "cnn_blocks": v.cnn_blocks,
+           "actnorm": v.actnorm, "dense": v.dense, "seed": seed, "budget": args.budget,
+           "dataset": args.dataset, "quick": args.quick}
+    if v.multiscale:
+        key |= {"multiscale": v.multiscale, "factor_after": v.factor_after}
+    return key
 
 
 def read_results(path: str) -> dict[str, dict]:

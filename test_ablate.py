@@ -1,9 +1,12 @@
-"""ablate.py: the CNN coupling and the bijections Jet removed get the properties the ViT coupling
-has (exact inverse in float32 with every layer perturbed away from its identity init, log-det =
-slogdet of the autodiff Jacobian in float64); the composed flow reduces to jet.forward; FLOP
-counts agree with XLA's; and `ablate.py --quick` runs every experiment through train.py."""
+"""ablate.py: the CNN coupling, the bijections Jet removed and the multiscale flow get the
+properties the ViT coupling has (exact inverse in float32 with every layer perturbed away from
+its identity init, log-det = slogdet of the autodiff Jacobian in float64); the composed flow
+reduces to jet.forward, and the multiscale flow starts as single-scale Jet; FLOP counts agree
+with XLA's; and `ablate.py --quick` runs every experiment through train.py."""
 
+import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +31,9 @@ inverse = jax.jit(ablate.flow_inverse, static_argnums=3, static_argnames="v")
 
 def random_flow_params(cfg, v, seed, dtype=np.float32):
     """Every leaf random (zero-initialised output layers included), so each layer really moves
-    its input; dense kernels are random rotations plus noise, so they stay well conditioned."""
-    shapes, perms = jax.eval_shape(lambda: ablate.init_flow(jax.random.key(0), cfg, v))
+    its input; dense kernels are random rotations plus noise, so they stay well conditioned.
+    The split2d layer (no depth axis) gets small weights: its exp(log_scale) stays moderate."""
+    shapes = jax.eval_shape(lambda: ablate.make_model(v)["init"](jax.random.key(0), cfg)[0])
     rng = np.random.default_rng(seed)
 
     def leaf(path, shape):
@@ -37,6 +41,8 @@ def random_flow_params(cfg, v, seed, dtype=np.float32):
         if "['dense']" in name:
             rotations = np.linalg.qr(rng.normal(size=shape))[0]
             value = rotations + 0.1 * rng.normal(size=shape) / np.sqrt(shape[-1])
+        elif "['split2d']" in name:
+            value = 0.3 * rng.normal(size=shape) / np.sqrt(shape[0])
         elif "scale" in name and "log_scale" not in name:  # layer norm
             value = 1 + 0.1 * rng.normal(size=shape)
         elif "kernel" in name:  # fan-in: all but the output axis (and the depth axis)
@@ -45,6 +51,9 @@ def random_flow_params(cfg, v, seed, dtype=np.float32):
             value = 0.3 * rng.normal(size=shape)
         return jnp.asarray(value, dtype)
     params = jax.tree_util.tree_map_with_path(leaf, shapes)
+    if v.multiscale:
+        key = jax.random.key(seed)
+        return params, ablate.multiscale_perms(key, cfg, ablate.factor_point(cfg, v))
     return params, jet.init_perms(jax.random.key(seed), cfg)
 
 
@@ -166,6 +175,201 @@ def test_variant_flops_match_xla_count(v):
     assert ablate.forward_flops(cpu, v) == pytest.approx(train.forward_flops(cpu), rel=0.1)
 
 
+# ------------------------------------------------------------------------------------------
+# Multiscale factoring: one bijection x -> z, with half of each token factored out part-way
+
+ms_forward = jax.jit(ablate.multiscale_forward, static_argnums=3, static_argnames="v")
+ms_inverse = jax.jit(ablate.multiscale_inverse, static_argnums=3, static_argnames="v")
+MS_CFG = jet.Config(image_shape=(8, 12, 3), patch_size=2, depth=4, emb_dim=8, num_heads=2,
+                    kinds=("channels", "spatial"))  # a 4x6 grid of 12-dim tokens
+
+
+@st.composite
+def multiscale_cases(draw, max_depth=3):
+    """(cfg, Variant): a drawn Config with depth >= 2 and P*P*C divisible by 4, either prior,
+    the factoring after any number of couplings that leaves some on both sides."""
+    cfg = draw(configs(max_depth=max_depth).filter(lambda c: c.token_dim % 4 == 0))
+    cfg = dataclasses.replace(cfg, depth=max(2, cfg.depth))
+    prior = draw(st.sampled_from(["normal", "split2d"]))
+    F = draw(st.integers(1, cfg.depth - 1))
+    return cfg, ablate.Variant(prior, multiscale=prior, factor_after=F)
+
+
+@pytest.mark.slow
+@given(multiscale_cases(), st.integers(0, 2 ** 31 - 1))
+def test_multiscale_flow_is_invertible_in_float32(case, seed):
+    """x is recovered from z, which holds the later couplings' output and the factored-out
+    eps, and z from x, to the bound jet's couplings meet (per coupling, relative to the
+    magnitudes involved); inverse log-det = minus forward's."""
+    cfg, v = case
+    params, perms = random_flow_params(cfg, v, seed)
+    k_x, k_z = jax.random.split(jax.random.key(seed))
+    x = images(k_x, cfg)
+    z = jax.random.normal(k_z, x.shape)
+    fx, logdet = ms_forward(params, perms, x, cfg, v=v)
+    x_back, logdet_back = ms_inverse(params, perms, fx, cfg, v=v)
+    iz, inv_logdet = ms_inverse(params, perms, z, cfg, v=v)
+    z_back, inv_logdet_back = ms_forward(params, perms, iz, cfg, v=v)
+    for got, want, through in ((x_back, x, fx), (z_back, z, iz)):
+        scale = max(1.0, float(jnp.abs(want).max()), float(jnp.abs(through).max()))
+        assert float(jnp.abs(got - want).max()) / (cfg.depth * scale) <= ROUND_TRIP_BOUND
+    np.testing.assert_allclose(logdet_back, -logdet, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(inv_logdet_back, -inv_logdet, rtol=1e-5, atol=1e-3)
+    assert float(jnp.abs(fx - x).max()) > 1e-3  # the layers really move x
+
+
+@pytest.mark.slow
+@given(multiscale_cases(max_depth=3), st.integers(0, 2 ** 31 - 1))
+def test_multiscale_logdet_equals_slogdet_of_jacobian(x64, case, seed):
+    """log-det = log|det J|, J = jax.jacfwd of the whole map x -> z (factoring and either
+    prior included), in float64, forward and inverse."""
+    cfg, v = case
+    params, perms = random_flow_params(cfg, v, seed, np.float64)
+    x = images(jax.random.key(seed), cfg, batch=1, dtype=jnp.float64)
+    for fn in (ms_forward, ms_inverse):
+        def flat_map(u):
+            return fn(params, perms, u.reshape(x.shape), cfg, v=v)[0].reshape(-1)
+        sign, expected = jnp.linalg.slogdet(jax.jit(jax.jacfwd(flat_map))(x.reshape(-1)))
+        assert sign != 0
+        np.testing.assert_allclose(fn(params, perms, x, cfg, v=v)[1][0], expected,
+                                   rtol=1e-9, atol=1e-9)
+
+
+def test_factoring_step_alone(x64):
+    """factor_out / factor_in on [B, N, D]: exact inverses; log-det = slogdet of the Jacobian
+    of h -> (kept, eps); under split2d, N(eps; 0, I) with that log-det is Glow's Gaussian
+    N(out; mean, exp(log_scale)) on the factored-out half."""
+    B, N, D = 2, 3, 8
+    h = jax.random.normal(jax.random.key(0), (B, N, D), jnp.float64)
+    dense = {"kernel": 0.3 * jax.random.normal(jax.random.key(1), (D // 2, D), jnp.float64),
+             "bias": 0.3 * jax.random.normal(jax.random.key(2), (D,), jnp.float64)}
+    for p in (None, dense):
+        kept, eps, logdet = ablate.factor_out(p, h)
+        h_back, logdet_back = ablate.factor_in(p, kept, eps)
+        np.testing.assert_allclose(h_back, h, atol=1e-12)
+        np.testing.assert_allclose(logdet_back, -logdet, atol=1e-12)
+
+        def flat_map(u):
+            return jnp.concatenate(ablate.factor_out(p, u.reshape(1, N, D))[:2], -1).reshape(-1)
+        jacobian = jax.jacfwd(flat_map)(h[:1].reshape(-1))
+        np.testing.assert_allclose(logdet[0], jnp.linalg.slogdet(jacobian)[1], atol=1e-10)
+    mean, log_scale = jnp.split(h[..., :D // 2] @ dense["kernel"] + dense["bias"][None, None],
+                                2, axis=-1)
+    out = h[..., D // 2:]
+    glow = jnp.sum(jax.scipy.stats.norm.logpdf(out, mean, jnp.exp(log_scale)), axis=(1, 2))
+    ours = jnp.sum(jax.scipy.stats.norm.logpdf(eps), axis=(1, 2)) + logdet
+    np.testing.assert_allclose(ours, glow, rtol=1e-12)
+
+
+def test_multiscale_starts_as_single_scale_jet():
+    """At init (zero output layers, zero split2d layer, k = 2) the multiscale flow is the
+    identity, as single-scale jet is (test_jet.py: test_identity_at_init): the same z = x,
+    log-det 0, hence exactly jet's bits/dim at init, under either prior."""
+    x = images(jax.random.key(1), MS_CFG)
+    z_jet, logdet_jet = x, jnp.zeros(x.shape[:1])
+    split2d = ablate.Variant("split2d", multiscale="split2d")
+    params, perms = jax.jit(ablate.init_multiscale, static_argnums=(1, 2))(
+        jax.random.key(0), MS_CFG, split2d)
+    for prior in ("normal", "split2d"):  # the normal prior's params: split2d's without its layer
+        v = ablate.Variant(prior, multiscale=prior)
+        z, logdet = ms_forward({k: p for k, p in params.items() if k in ("stage1", "stage2")
+                                or prior == "split2d"}, perms, x, MS_CFG, v=v)
+        np.testing.assert_array_equal(z, z_jet)
+        np.testing.assert_array_equal(jet.bits_per_dim(z, logdet),
+                                      jet.bits_per_dim(z_jet, logdet_jet))
+
+
+def test_multiscale_perms_fit_train_checkpoints():
+    """multiscale_perms has train.state_template's perms shape and dtype; rows before the
+    factoring are jet.init_perms's; every row is a permutation of N*D whose first N*D/2
+    entries are a coupling's split of the kept [N, D/2] tokens, as that coupling's kind says."""
+    cfg, F = MS_CFG, 2
+    perms = ablate.multiscale_perms(jax.random.key(3), cfg, F)
+    template = train.state_template(cfg, None, ablate.make_model(
+        ablate.Variant("ms", multiscale="normal", factor_after=F))["init"])["perms"]
+    assert (perms.shape, perms.dtype) == (template.shape, template.dtype)
+    np.testing.assert_array_equal(perms[:F], jet.init_perms(jax.random.key(3), cfg)[:F])
+    N, half = cfg.num_tokens, cfg.token_dim // 2
+    for row, (kind, proj) in zip(np.asarray(perms[F:]), cfg.couplings()[F:]):
+        np.testing.assert_array_equal(np.sort(row), np.arange(N * 2 * half))
+        row = row[:N * half]  # indices into the kept [N, D/2], flat
+        if kind == "channels":  # x1 [N, D/4] and x2 [N, D/4]: row n holds token n's dims,
+            x1, x2 = row.reshape(2, N, half // 2)  # in the same order for every token
+            for part in (x1, x2):
+                np.testing.assert_array_equal(part // half, np.arange(N)[:, None].repeat(
+                    half // 2, 1))
+                np.testing.assert_array_equal(part % half, part[:1].repeat(N, 0) % half)
+        else:  # whole kept tokens, x1 the pattern's
+            blocks = row.reshape(N, half)
+            tokens = blocks[:, 0] // half
+            np.testing.assert_array_equal(blocks, tokens[:, None] * half + np.arange(half))
+            pattern = jet.spatial_pattern(proj, *cfg.grid).reshape(-1)
+            assert set(tokens[:N // 2]) == set(np.flatnonzero(pattern))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prior", ["normal", "split2d"])
+def test_multiscale_samples_invert_the_flow_on_noise(prior):
+    """The model's sampler draws z ~ N(0, T^2 I) and returns quantize(f^-1(z)): uint8
+    [n, H, W, C]; f maps those x back to z."""
+    v = ablate.Variant(prior, multiscale=prior)
+    params, perms = random_flow_params(MS_CFG, v, 5)
+    key, n, T = jax.random.key(6), 5, 0.7
+    samples = ablate.make_model(v)["sample"](params, perms, key, n, MS_CFG, T)
+    assert samples.dtype == jnp.uint8 and samples.shape == (n, *MS_CFG.image_shape)
+    z = T * jax.random.normal(key, (n, *MS_CFG.image_shape))
+    x, _ = ms_inverse(params, perms, z, MS_CFG, v=v)
+    np.testing.assert_array_equal(samples, jet.quantize(x))
+    z_back, _ = ms_forward(params, perms, x, MS_CFG, v=v)
+    np.testing.assert_allclose(z_back, z, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prior", ["normal", "split2d"])
+def test_multiscale_flops_match_xla_count(prior):
+    """forward_flops of a multiscale flow agrees with XLA's cost analysis (one coupling on each
+    side of the factoring: a scan body counts once), and at the cpu preset's size it is within
+    5% of Jet's (narrower input and output layers after the factoring)."""
+    v = ablate.Variant(prior, multiscale=prior)
+    cfg = jet.Config(image_shape=(16, 16, 3), patch_size=2, depth=2, emb_dim=32, num_heads=2)
+    params, perms = jax.eval_shape(lambda: ablate.init_multiscale(jax.random.key(0), cfg, v))
+    x = jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32)
+    analysis = ms_forward.lower(params, perms, x, cfg, v=v).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    assert ablate.forward_flops(cfg, v) == pytest.approx(analysis["flops"] / 8, rel=0.15)
+    cpu = train.make_config({"preset": "cpu"}, (32, 32, 3))
+    assert ablate.forward_flops(cpu, v) == pytest.approx(train.forward_flops(cpu), rel=0.05)
+
+
+def test_invalid_multiscale_variants_raise():
+    """Unknown priors, multiscale with other variant options, factor_after alone, factoring
+    with no coupling on one side, tokens whose kept half is odd, and perms of jet's layout
+    for another Config are refused, naming what to change."""
+    with pytest.raises(ValueError, match="must be one of"):
+        ablate.Variant("x", multiscale="glow")
+    with pytest.raises(ValueError, match="plain ViT flow only"):
+        ablate.Variant("x", net="cnn", multiscale="normal")
+    with pytest.raises(ValueError, match="needs multiscale"):
+        ablate.Variant("x", factor_after=3)
+    normal = ablate.Variant("x", multiscale="normal")
+    for bad, match in ((dataclasses.replace(MS_CFG, depth=1), "raise depth"),
+                       (jet.Config(image_shape=(4, 4, 2), patch_size=1, depth=2, emb_dim=8),
+                        "divisible by 4")):
+        with pytest.raises(ValueError, match=match):
+            ablate.init_multiscale(jax.random.key(0), bad, normal)
+    with pytest.raises(ValueError, match="factor_after < depth"):
+        ablate.forward_flops(MS_CFG, ablate.Variant("x", multiscale="normal", factor_after=4))
+    params, perms = jax.eval_shape(lambda: ablate.init_multiscale(jax.random.key(0), MS_CFG,
+                                                                  normal))
+    x = jax.ShapeDtypeStruct((2, *MS_CFG.image_shape), jnp.float32)
+    other = jax.ShapeDtypeStruct((MS_CFG.depth, perms.shape[1] - 2), perms.dtype)
+    with pytest.raises(ValueError, match="were they made for another Config"):
+        jax.eval_shape(lambda: ablate.multiscale_forward(params, other, x, MS_CFG, v=normal))
+    wrong = jax.ShapeDtypeStruct((2, 4, *MS_CFG.image_shape[1:]), jnp.float32)
+    with pytest.raises(ValueError, match=r"must be \[B, H, W, C\]"):
+        jax.eval_shape(lambda: ablate.multiscale_inverse(params, perms, wrong, MS_CFG, v=normal))
+
+
 def test_every_experiment_builds_on_cifar10():
     """Each variant of each experiment is a valid model on 32x32x3 with a sensible step count at
     the default budget (no training: configuration only)."""
@@ -185,7 +389,9 @@ def test_every_experiment_builds_on_cifar10():
 def test_quick_runs_every_experiment_then_reuses_its_results(tmp_path, monkeypatch):
     """--quick trains every variant of every experiment through train.py and prints a table per
     experiment; a second call reads every result back instead of training; a run's workdir
-    refuses to be resumed as another model."""
+    refuses to be resumed as another model; a multiscale run's checkpoint (its perms in
+    train.py's [depth, N*D] layout) restores: --eval_only gives its test bits/dim again, and
+    --sample draws from it."""
     argv = ["--quick", "--seeds", "1", "--workdir", str(tmp_path)]
     tables = ablate.main(argv)
     assert set(tables) == set(ablate.EXPERIMENTS)
@@ -208,6 +414,15 @@ def test_quick_runs_every_experiment_then_reuses_its_results(tmp_path, monkeypat
     workdir = tmp_path / "runs" / cnn["id"]
     with pytest.raises(ValueError, match="holds a run of model 'ablate:cnn1'"):
         train.run(train.parse_args(["--dataset", "synthetic", "--workdir", str(workdir)]))
+
+    for v in ablate.EXPERIMENTS["multiscale"][1][1:]:
+        run = next(r for r in records if r.get("multiscale") == v.multiscale)
+        workdir = str(tmp_path / "runs" / run["id"])
+        flags = ["--dataset", "synthetic", "--workdir", workdir]
+        evaluated = train.run(train.parse_args([*flags, "--eval_only"]), ablate.make_model(v))
+        assert evaluated["test_bpd"] == run["test_bpd"]
+        assert os.path.exists(train.run(train.parse_args([*flags, "--sample", "4"]),
+                                        ablate.make_model(v))["samples"])
 
 
 def test_bad_arguments_are_refused(capsys):
