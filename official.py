@@ -64,17 +64,21 @@ def from_big_vision(flat: Mapping[str, np.ndarray], image_shape: tuple[int, int,
               "final_proj": get(f"{dnn}/final_proj", "kernel", "bias")}
     if cfg.context_dim:
         params["context_attention"] = mha(context_mha)
+    params = jax.tree.map(jnp.asarray, check_shapes(params, cfg))
+    perms = split_indices(get("channel_coupling_masks-FREEZE_ME"),  # [depth, D, D]
+                          get("spatial_coupling_masks-FREEZE_ME"), cfg)  # [depth, N, N]
+    return params, perms, cfg
+
+
+def check_shapes(params: dict, cfg: Config) -> dict:
+    """params, after checking every leaf against the shapes jet.init gives this Config."""
     expected = jax.eval_shape(lambda: init(jax.random.key(0), cfg)[0])
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params),
                                  jax.tree.leaves(expected)):
         if got.shape != want.shape:
             raise ValueError(f"Official parameter {jax.tree_util.keystr(path)} has shape "
                              f"{got.shape}, expected {want.shape} for {cfg}.")
-    params = jax.tree.map(jnp.asarray, params)
-
-    perms = split_indices(get("channel_coupling_masks-FREEZE_ME"),  # [depth, D, D]
-                          get("spatial_coupling_masks-FREEZE_ME"), cfg)  # [depth, N, N]
-    return params, perms, cfg
+    return params
 
 
 def split_indices(c_masks: np.ndarray, s_masks: np.ndarray, cfg: Config) -> jax.Array:

@@ -143,8 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--steps", type=int, help="training steps (overrides --epochs and --time_budget)")
     a("--epochs", type=float, help="training epochs (drop-remainder batches)")
     a("--time_budget", type=float, metavar="MINUTES", help="size the run to this wall time on "
-      "this machine, compilation and evaluations included: the step count is fixed from "
-      "timed steps before training starts and stored, so a resumed run is exact")
+      "this machine, compilation and evaluations included: the step count is set from timed "
+      "steps before training, corrected once at the first checkpoint and stored, so a "
+      "resumed run is exact")
     a("--lr", type=float, help=f"peak learning rate (default {RECIPE['lr']})")
     a("--warmup", type=float, help="fraction of steps of linear warmup before cosine decay")
     a("--weight_decay", type=float, help="big_vision's decoupled wd: p -= schedule * wd * p")
@@ -153,7 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--b2", type=float, help="Adam beta2")
     a("--seed", type=int, help="seed of init, batch order and dequantization noise")
     a("--log_every", type=int, help="steps between log lines")
-    a("--eval_every", type=int, help="steps between test evaluations (and sample grids)")
+    a("--eval_every", type=int, help="steps between evaluations (and sample grids)")
     a("--ckpt_every", type=int, help="steps between checkpoints")
     a("--eval_batch_size", type=int, help="batch for evaluation (default --batch_size)")
     a("--validation", type=int, metavar="N", help="hold out N training images (the last N of a "
@@ -165,6 +166,12 @@ def parse_args(argv=None) -> argparse.Namespace:
       "label is replaced by the zero context, which trains the unconditional model alongside "
       "(default 0.1, as big_vision)")
     a("--init_from", help="fine-tune: start from the params of this checkpoint or workdir")
+    add_command_flags(a)
+    return p.parse_args(argv)
+
+
+def add_command_flags(a) -> None:
+    """The flags that choose what train.py does (not the run's settings: ACTION_FLAGS)."""
     a("--sample", type=int, default=0, metavar="N",
       help="write a grid of N samples from the latest checkpoint and exit (conditional runs: "
       "N per class row, plus an unconditional row when trained with label dropout)")
@@ -181,7 +188,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--num_processes", type=int, help="--distributed: how many processes the run has")
     a("--process_id", type=int, help="--distributed: this process's number, 0 to "
       "--num_processes - 1; process 0 writes the workdir")
-    return p.parse_args(argv)
 
 
 ACTION_FLAGS = ("workdir", "sample", "labels", "temperature", "eval_only", "distributed",
