@@ -28,12 +28,16 @@ settings.register_profile("dev", max_examples=8, deadline=None,
                                                  HealthCheck.function_scoped_fixture])
 settings.register_profile("ci", parent=settings.get_profile("dev"), derandomize=True,
                           print_blob=True)
+for name in ("dev", "ci"):  # the fast tier: every property, half the examples
+    settings.register_profile(f"{name}-fast", parent=settings.get_profile(name), max_examples=4)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains, starts processes or runs end to end; "
                             "python -m pytest -m 'not slow' is the fast tier")
+    if config.getoption("markexpr") == "not slow":
+        settings.load_profile(("ci" if os.environ.get("CI") else "dev") + "-fast")
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ def test_readme_has_python():
     assert BLOCKS
 
 
+@pytest.mark.slow  # compiles a dozen programs: the API tour, not a property of the model
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index, monkeypatch):
     """Block `index` runs without error; its own asserts state what it shows."""
