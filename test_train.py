@@ -272,7 +272,7 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path, compile
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_at_a_checkpoint_and_the_same_command_resumes(
-        tmp_path, monkeypatch, capsys, compile_cache, signum):
+        tmp_path, monkeypatch, capsys, compile_cache, signum, request):
     """SIGTERM (preemption) or SIGINT (Ctrl-C) at a random step: that step finishes and is
     checkpointed, one line says where the run stopped and how to resume, the exit code is
     128 + the signal's number, and the previous signal handlers are back. The same command
@@ -288,6 +288,9 @@ def test_a_signal_stops_at_a_checkpoint_and_the_same_command_resumes(
         if step == at:
             os.kill(os.getpid(), signum)
     monkeypatch.setattr(train, "log_progress", signal_at)
+    if signal.getsignal(signum) is signal.SIG_IGN:  # a shell's background job ignores Ctrl-C,
+        previous = signal.signal(signum, signal.default_int_handler)  # and so would train.py
+        request.addfinalizer(lambda: signal.signal(signum, previous))
     handlers = [signal.getsignal(s) for s in train.STOP_SIGNALS]
     with pytest.raises(SystemExit) as exit_info:
         run_train(*argv, "--workdir", tmp_path / "run")
