@@ -81,6 +81,20 @@ def check_round_trip(forward, inverse, cfg, v, seed):
     assert float(jnp.abs(fx - x).max()) > 1e-3
 
 
+def check_logdet_against_jacobian(forward, inverse, cfg, v, seed):
+    """log-det = log|det J|, J = jax.jacfwd of the map, in float64, forward and inverse, with
+    every parameter random."""
+    params, perms = random_flow_params(cfg, v, seed, np.float64)
+    x = images(jax.random.key(seed), cfg, batch=1, dtype=jnp.float64)
+    for fn in (forward, inverse):
+        def flat_map(u):
+            return fn(params, perms, u.reshape(x.shape), cfg, v=v)[0].reshape(-1)
+        sign, expected = jnp.linalg.slogdet(jax.jit(jax.jacfwd(flat_map))(x.reshape(-1)))
+        assert sign != 0
+        np.testing.assert_allclose(fn(params, perms, x, cfg, v=v)[1][0], expected,
+                                   rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.slow
 @given(configs(max_depth=3), st.sampled_from(VARIANTS), st.integers(0, 2 ** 31 - 1))
 def test_variant_flows_are_invertible_in_float32(cfg, v, seed):
@@ -93,15 +107,7 @@ def test_variant_flows_are_invertible_in_float32(cfg, v, seed):
 @given(configs(max_depth=2), st.sampled_from(VARIANTS), st.integers(0, 2 ** 31 - 1))
 def test_variant_logdet_equals_slogdet_of_jacobian(x64, cfg, v, seed):
     """log-det = log|det J|, J = jax.jacfwd of the map, in float64, forward and inverse."""
-    params, perms = random_flow_params(cfg, v, seed, np.float64)
-    x = images(jax.random.key(seed), cfg, batch=1, dtype=jnp.float64)
-    for fn in (forward, inverse):
-        def flat_map(u):
-            return fn(params, perms, u.reshape(x.shape), cfg, v=v)[0].reshape(-1)
-        sign, expected = jnp.linalg.slogdet(jax.jit(jax.jacfwd(flat_map))(x.reshape(-1)))
-        assert sign != 0
-        np.testing.assert_allclose(fn(params, perms, x, cfg, v=v)[1][0], expected,
-                                   rtol=1e-9, atol=1e-9)
+    check_logdet_against_jacobian(forward, inverse, cfg, v, seed)
 
 
 @pytest.mark.slow
@@ -218,15 +224,7 @@ def test_multiscale_logdet_equals_slogdet_of_jacobian(x64, case, seed):
     """log-det = log|det J|, J = jax.jacfwd of the whole map x -> z (factoring and either
     prior included), in float64, forward and inverse."""
     cfg, v = case
-    params, perms = random_flow_params(cfg, v, seed, np.float64)
-    x = images(jax.random.key(seed), cfg, batch=1, dtype=jnp.float64)
-    for fn in (ms_forward, ms_inverse):
-        def flat_map(u):
-            return fn(params, perms, u.reshape(x.shape), cfg, v=v)[0].reshape(-1)
-        sign, expected = jnp.linalg.slogdet(jax.jit(jax.jacfwd(flat_map))(x.reshape(-1)))
-        assert sign != 0
-        np.testing.assert_allclose(fn(params, perms, x, cfg, v=v)[1][0], expected,
-                                   rtol=1e-9, atol=1e-9)
+    check_logdet_against_jacobian(ms_forward, ms_inverse, cfg, v, seed)
 
 
 def test_factoring_step_alone(x64):
