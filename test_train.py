@@ -783,21 +783,30 @@ def test_progress_lines_leave_metrics_alone(tmp_path, capsys, monkeypatch):
 def test_replan_sets_the_steps_that_end_on_the_budget(monkeypatch, capsys):
     """Re-timing a --time_budget run: 100 steps in 20 s since the first (0.2 s a step) and 70 s
     to the planned end, 10 of them reserved for evaluations, leave 300 more steps; the
-    cadences the command did not set follow the new count."""
+    cadences the command did not set follow the new count. Time spent evaluating is not
+    counted as training, and the evaluations' measured cost replaces the timed one; a count
+    within RETIME_CHANGE of the current one is left alone (no recompilation)."""
     monkeypatch.setattr(train.time, "time", lambda: 1000.0)
     f = {"steps": 500, "eval_every": 84, "ckpt_every": 16, "log_every": 5}
-    plan = {"end": 1070.0, "reserved_s": 10.0, "step_s": 0.3, "evals": 6,
+    plan = {"end": 1070.0, "eval_s": 1.0, "final_s": 4.0, "step_s": 0.3, "evals": 6,
             "own_cadences": ["eval_every", "ckpt_every"]}
-    train.replan(f, plan, {"started": (980.0, 1)}, 101)
+    log = {"started": (980.0, 1), "eval_s": 0.0, "evals": 0}
+    assert train.replan(f, plan, log, 101)
     assert f == {"steps": 401, "eval_every": 67, "ckpt_every": 13, "log_every": 5}
     assert "Re-timed at step 101: 200 ms/step (the timing phase measured 300)" in (
         capsys.readouterr().out)
+    assert not train.replan(f | {"steps": 398}, plan, log, 101)  # within 1%
+    assert capsys.readouterr().out == ""
+    # One evaluation took 5 s of the 20: (20 - 5) s / 100 steps = 0.15 s a step; 5 more
+    # evaluations at 5 s and the test pass at 4 s * 5 = 45 s leave 25 s: 166 more steps.
+    assert train.replan(f, plan, log | {"eval_s": 5.0, "evals": 1}, 101)
+    assert f["steps"] == 101 + 166
 
 
 @pytest.mark.slow
 def test_time_budget_fixes_and_stores_the_step_count(tmp_path, capsys):
     """--time_budget times this machine, sets steps and cadences before training, re-times them
-    once at the first checkpoint and stores them, so re-running the command resumes that run
+    at its early checkpoints and stores them, so re-running the command resumes that run
     exactly; the best checkpoint by test bpd is kept beside the latest, and train and test bpd
     are logged side by side."""
     argv = [*SMALL, "--dataset", "synthetic", "--time_budget", 0.6, "--workdir", tmp_path]
@@ -815,3 +824,49 @@ def test_time_budget_fixes_and_stores_the_step_count(tmp_path, capsys):
     assert best["step"] == min(evals, key=lambda r: r["test_bpd"])["step"]
     assert run_train(*argv)["step"] == steps  # finished: nothing re-timed or re-run
     assert "Timing this machine" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------
+# Huge pages: the restart with glibc's tunable
+
+MADVISE = "always [madvise] never\n"
+
+
+@pytest.mark.parametrize("environ, thp_mode, libc, tunables", [
+    ({}, MADVISE, ("glibc", "2.36"), "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, MADVISE, ("glibc", "2.35"),
+     "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),  # the user's tunables are kept
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, MADVISE, ("glibc", "2.36"), None),  # chosen
+    ({}, "[always] madvise never\n", ("glibc", "2.36"), None),  # huge pages already
+    ({}, "always madvise [never]\n", ("glibc", "2.36"), None),  # no huge pages at all
+    ({}, MADVISE, ("glibc", "2.34"), None),  # no such tunable
+    ({}, MADVISE, ("", ""), None),  # musl: glibc's tunables mean nothing
+])
+def test_huge_pages_env_only_where_it_changes_something(environ, thp_mode, libc, tunables):
+    env = train.huge_pages_env({"PATH": "/bin", **environ}, thp_mode, libc)
+    assert env == (
+        None if tunables is None else {"PATH": "/bin", "GLIBC_TUNABLES": tunables})
+
+
+@pytest.mark.slow
+def test_the_command_restarts_once_with_huge_pages(tmp_path, compile_cache):
+    """`python train.py` restarts itself once with the tunable where it helps (one line says
+    so, the run then proceeds); --no-huge_pages and the tunable already set do not restart."""
+    try:
+        with open(train.THP_MODE_FILE) as f:
+            thp_mode = f.read()
+    except OSError:
+        thp_mode = ""
+    if train.huge_pages_env({}, thp_mode, train.platform.libc_ver()) is None:
+        pytest.skip("this machine's kernel or libc gives no huge pages through glibc's tunable")
+    argv = [*SMALL, "--dataset", "synthetic", "--steps", 1, "--eval_every", 1]
+    env = {k: v for k, v in subprocess_env().items() if k != "GLIBC_TUNABLES"}
+    for extra, restarts in (([], 1), (["--no-huge_pages"], 0)):
+        proc = subprocess.Popen([sys.executable, "train.py", *map(str, argv), *extra,
+                                 "--workdir", tmp_path / str(restarts)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, cwd=HERE)
+        output = proc.communicate()[0]
+        assert proc.returncode == 0, output
+        assert output.count("Restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == restarts
+        assert "step 1/1 | test" in output
