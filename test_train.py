@@ -784,23 +784,25 @@ def test_replan_sets_the_steps_that_end_on_the_budget(monkeypatch, capsys):
     """Re-timing a --time_budget run: 100 steps in 20 s since the first (0.2 s a step) and 70 s
     to the planned end, 10 of them reserved for evaluations, leave 300 more steps; the
     cadences the command did not set follow the new count. Time spent evaluating is not
-    counted as training, and the evaluations' measured cost replaces the timed one; a count
-    within RETIME_CHANGE of the current one is left alone (no recompilation)."""
+    counted as training, nor are recompilations after earlier re-timings, and the
+    evaluations' measured cost replaces the timed one; a count within RETIME_CHANGE of the
+    current one is left alone (no recompilation)."""
     monkeypatch.setattr(train.time, "time", lambda: 1000.0)
     f = {"steps": 500, "eval_every": 84, "ckpt_every": 16, "log_every": 5}
     plan = {"end": 1070.0, "eval_s": 1.0, "final_s": 4.0, "step_s": 0.3, "evals": 6,
-            "own_cadences": ["eval_every", "ckpt_every"]}
+            "compile_s": 3.0, "recompiles": 0, "own_cadences": ["eval_every", "ckpt_every"]}
     log = {"started": (980.0, 1), "eval_s": 0.0, "evals": 0}
     assert train.replan(f, plan, log, 101)
     assert f == {"steps": 401, "eval_every": 67, "ckpt_every": 13, "log_every": 5}
     assert "Re-timed at step 101: 200 ms/step (the timing phase measured 300)" in (
         capsys.readouterr().out)
-    assert not train.replan(f | {"steps": 398}, plan, log, 101)  # within 1%
-    assert capsys.readouterr().out == ""
-    # One evaluation took 5 s of the 20: (20 - 5) s / 100 steps = 0.15 s a step; 5 more
-    # evaluations at 5 s and the test pass at 4 s * 5 = 45 s leave 25 s: 166 more steps.
+    # Recompiled once since (3 s): 17 s / 100 steps leave 352 more, within 2% of 350.
+    assert not train.replan(f | {"steps": 450}, plan, log, 101)
+    assert capsys.readouterr().out == "" and plan["recompiles"] == 1
+    # One evaluation took 5 s as well: 12 s / 100 steps = 0.12 s a step; 5 more evaluations
+    # at 5 s and the test pass at 4 s * 5 = 45 s leave 25 s: 208 more steps.
     assert train.replan(f, plan, log | {"eval_s": 5.0, "evals": 1}, 101)
-    assert f["steps"] == 101 + 166
+    assert f["steps"] == 101 + 208 and plan["recompiles"] == 2
 
 
 @pytest.mark.slow

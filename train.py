@@ -830,7 +830,7 @@ def set_steps(f: dict, plan: dict, steps: int) -> None:
 # in the first RETIME_UNTIL of the steps, the step count is corrected when the rate of the
 # steps so far says it is off by more than RETIME_CHANGE. One early re-timing was not enough:
 # a 10-minute run re-timed at its first checkpoint ended after 8 (docs/training.md).
-BUDGET_USED, RETIME_UNTIL, RETIME_CHANGE = 0.95, 1 / 3, 0.01
+BUDGET_USED, RETIME_UNTIL, RETIME_CHANGE = 0.95, 1 / 3, 0.02
 
 
 def plan_steps(f, cfg, params, perms, train, put_batch, evaluators, start_time,
@@ -878,17 +878,19 @@ def plan_steps(f, cfg, params, perms, train, put_batch, evaluators, start_time,
           f"{eval_s + final_s:.0f} s), compilation {compile_s:.0f} s: {steps} steps fit in "
           f"{f['time_budget']:g} min.", flush=True)
     return {"steps": steps, "evals": evals, "step_s": step_s, "end": end, "eval_s": eval_s,
-            "final_s": final_s}
+            "final_s": final_s, "compile_s": compile_s, "recompiles": 0}
 
 
 def replan(f: dict, plan: dict, log: dict, step: int) -> bool:
     """Re-times a --time_budget run at a checkpoint: the timing phase measures a few steps on
     a fresh process, which can be a fifth off the speed of training under way. The rate since
-    the first step (evaluations excluded) and the evaluations' measured cost set the step
+    the first step (evaluations and earlier re-timings' recompilations, each taken to cost
+    the first compilation, excluded) and the evaluations' measured cost set the step
     count that ends on the budget (process 0's, in a multi-process run); it is changed, and
     True returned, only when it differs by more than RETIME_CHANGE (the step then recompiles).
     Every checkpoint holds the count it was written with, so a resumed run continues it."""
-    seconds = (time.time() - log["started"][0] - log["eval_s"]) / (step - log["started"][1])
+    paused = log["eval_s"] + plan["recompiles"] * plan["compile_s"]
+    seconds = (time.time() - log["started"][0] - paused) / (step - log["started"][1])
     eval_s = log["eval_s"] / log["evals"] if log["evals"] else plan["eval_s"]
     reserved = (plan["evals"] - log["evals"]) * eval_s + plan["final_s"] * eval_s / plan["eval_s"]
     left = plan["end"] - time.time() - reserved
@@ -898,6 +900,7 @@ def replan(f: dict, plan: dict, log: dict, step: int) -> bool:
     print(f"Re-timed at step {step}: {seconds * 1e3:.0f} ms/step (the timing phase measured "
           f"{plan['step_s'] * 1e3:.0f}): {steps} steps instead of {f['steps']}.", flush=True)
     set_steps(f, plan, steps)
+    plan["recompiles"] += 1
     return True
 
 
