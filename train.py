@@ -815,6 +815,7 @@ def initial_state(args, f, cfg, ckpt, train, put_batch, replicate, evaluators, s
         plan["own_cadences"] = [k for k in ("eval_every", "ckpt_every", "log_every")
                                 if getattr(args, k) is None]
         set_steps(f, plan, from_process_0({"steps": plan.pop("steps")})["steps"])
+        plan["every"] = f["ckpt_every"]  # re-timing cadence: fixed, whatever the count becomes
     return new_state(params, perms, make_optimizer(f), rng), plan
 
 
@@ -878,18 +879,18 @@ def plan_steps(f, cfg, params, perms, train, put_batch, evaluators, start_time,
           f"{eval_s + final_s:.0f} s), compilation {compile_s:.0f} s: {steps} steps fit in "
           f"{f['time_budget']:g} min.", flush=True)
     return {"steps": steps, "evals": evals, "step_s": step_s, "end": end, "eval_s": eval_s,
-            "final_s": final_s, "compile_s": compile_s, "recompiles": 0}
+            "final_s": final_s}
 
 
 def replan(f: dict, plan: dict, log: dict, step: int) -> bool:
     """Re-times a --time_budget run at a checkpoint: the timing phase measures a few steps on
     a fresh process, which can be a fifth off the speed of training under way. The rate since
-    the first step (evaluations and earlier re-timings' recompilations, each taken to cost
-    the first compilation, excluded) and the evaluations' measured cost set the step
+    the first step (evaluations and the recompilations of earlier re-timings excluded) and
+    the evaluations' measured cost set the step
     count that ends on the budget (process 0's, in a multi-process run); it is changed, and
     True returned, only when it differs by more than RETIME_CHANGE (the step then recompiles).
     Every checkpoint holds the count it was written with, so a resumed run continues it."""
-    paused = log["eval_s"] + plan["recompiles"] * plan["compile_s"]
+    paused = log["eval_s"] + log["compile_s"]
     seconds = (time.time() - log["started"][0] - paused) / (step - log["started"][1])
     eval_s = log["eval_s"] / log["evals"] if log["evals"] else plan["eval_s"]
     reserved = (plan["evals"] - log["evals"]) * eval_s + plan["final_s"] * eval_s / plan["eval_s"]
@@ -900,7 +901,6 @@ def replan(f: dict, plan: dict, log: dict, step: int) -> bool:
     print(f"Re-timed at step {step}: {seconds * 1e3:.0f} ms/step (the timing phase measured "
           f"{plan['step_s'] * 1e3:.0f}): {steps} steps instead of {f['steps']}.", flush=True)
     set_steps(f, plan, steps)
-    plan["recompiles"] += 1
     return True
 
 
@@ -962,7 +962,7 @@ def train_loop(args, f, cfg, state, meta, sets, put_batch, evaluators, model, st
     # Losses since the last log line; kept in checkpoints so a resumed run logs the same means.
     log = {"window": [tuple(p) for p in (meta or {}).get("log_window", [])], "timer": None,
            "last_line": time.time(), "warned": False, "pending": None, "eval_s": 0.0,
-           "evals": 0,
+           "evals": 0, "compile_s": 0.0, "fresh": False,
            "best": (meta or {}).get("best_bpd", (meta or {}).get("best_test_bpd", math.inf)),
            "steps_per_epoch": data.steps_per_epoch(len(sets["train"]), f["batch_size"])}
     result = {"step": step, "test_bpd": None, "train_eval_bpd": None}
@@ -974,18 +974,21 @@ def train_loop(args, f, cfg, state, meta, sets, put_batch, evaluators, model, st
     while step < f["steps"]:
         index = data.batch_indices(len(train), f["batch_size"], f["seed"], step)
         batch = put_batch(train[index]), None if labels is None else put_batch(labels[index])
+        called = time.time()
         state, metrics = train_step(state, batch[0], step, keys["noise"], batch[1])
+        if log["fresh"]:  # this call compiled the re-timed step (synchronously): not training
+            log.update(compile_s=log["compile_s"] + time.time() - called, fresh=False)
         step += 1
         record_losses(log, f, step, metrics, args.workdir)
-        checkpoint = step % f["ckpt_every"] == 0
-        if plan and checkpoint and step > log["started"][1]:
-            if replan(f, plan, log, step):
+        if plan and step % plan["every"] == 0 and step > log["started"][1]:
+            log["fresh"] = replan(f, plan, log, step)
+            if log["fresh"]:
                 train_step = make_step()
             plan = plan if step < RETIME_UNTIL * f["steps"] else None
         log_progress(log, f, step, out)
         if step % f["eval_every"] == 0 or step == f["steps"]:
             result |= evaluate_at(log, state, step, cfg, f, keys, evaluators, out, model)
-        if checkpoint or step == f["steps"]:
+        if step % f["ckpt_every"] == 0 or step == f["steps"]:
             out["save"](out["checkpoint"], state, step, log)
         if (signum := agreed_stop(stop, put_batch)) and step < f["steps"]:
             stop_at(signum, step, state, log, f, out)
