@@ -803,6 +803,11 @@ def test_replan_sets_the_steps_that_end_on_the_budget(monkeypatch, capsys):
     # at 5 s and the test pass at 4 s * 5 = 45 s leave 25 s: 208 more steps.
     assert train.replan(f, plan, log | {"compile_s": 3.0, "eval_s": 5.0, "evals": 1}, 101)
     assert f["steps"] == 101 + 208
+    # Past the planned end, the run stops where it is, but never with fewer steps than
+    # evaluations (the cadence would otherwise evaluate at step 0).
+    late = plan | {"end": 990.0}
+    assert train.replan(f, late, log, 101) and f["steps"] == 101
+    assert train.replan(f, late, log | {"started": (980.0, 1)}, 2) and f["steps"] == 6
 
 
 @pytest.mark.slow

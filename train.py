@@ -886,16 +886,18 @@ def replan(f: dict, plan: dict, log: dict, step: int) -> bool:
     """Re-times a --time_budget run at a checkpoint: the timing phase measures a few steps on
     a fresh process, which can be a fifth off the speed of training under way. The rate since
     the first step (evaluations and the recompilations of earlier re-timings excluded) and
-    the evaluations' measured cost set the step
-    count that ends on the budget (process 0's, in a multi-process run); it is changed, and
-    True returned, only when it differs by more than RETIME_CHANGE (the step then recompiles).
-    Every checkpoint holds the count it was written with, so a resumed run continues it."""
+    the evaluations' measured cost set the step count that ends on the budget (process 0's,
+    in a multi-process run; never below the current step, nor below one step per
+    evaluation). It is changed, and True returned, only when it differs by more than
+    RETIME_CHANGE (the step then recompiles). Every checkpoint holds the count it was
+    written with, so a resumed run continues it."""
     paused = log["eval_s"] + log["compile_s"]
     seconds = (time.time() - log["started"][0] - paused) / (step - log["started"][1])
     eval_s = log["eval_s"] / log["evals"] if log["evals"] else plan["eval_s"]
     reserved = (plan["evals"] - log["evals"]) * eval_s + plan["final_s"] * eval_s / plan["eval_s"]
     left = plan["end"] - time.time() - reserved
-    steps = from_process_0({"steps": max(step, step + int(left / seconds))})["steps"]
+    steps = max(step, plan["evals"], step + int(left / seconds))  # at least one per evaluation
+    steps = from_process_0({"steps": steps})["steps"]
     if abs(steps - f["steps"]) <= RETIME_CHANGE * f["steps"]:
         return False
     print(f"Re-timed at step {step}: {seconds * 1e3:.0f} ms/step (the timing phase measured "
