@@ -21,6 +21,12 @@ from hypothesis import HealthCheck, settings
 import jet
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The suite's programs are small and each runs a few times (the slow tests train for seconds),
+# so LLVM's optimisation passes cost more than they save: they are skipped, in this process
+# and in the processes tests start. XLA's HLO passes, fusion included, still run, so the
+# computation is the same.
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+jax.config.update("jax_disable_most_optimizations", True)
 
 # Each drawn configuration compiles its own XLA program, so examples are few and slow.
 settings.register_profile("dev", max_examples=8, deadline=None,
@@ -38,15 +44,6 @@ def pytest_configure(config):
                             "python -m pytest -m 'not slow' is the fast tier")
     if config.getoption("markexpr") == "not slow":
         settings.load_profile(("ci" if os.environ.get("CI") else "dev") + "-fast")
-
-
-@pytest.fixture(autouse=True)
-def quick_compiles(request):
-    """The fast tier's programs are small and each runs a few times, so LLVM's optimisation
-    passes cost more than they save: they are skipped there (XLA's HLO passes, fusion
-    included, still run, so the computation is the same). Slow tests train, so they keep them."""
-    jax.config.update("jax_disable_most_optimizations", not request.node.get_closest_marker("slow"))
-    yield
 
 
 @pytest.fixture
