@@ -20,9 +20,9 @@ import data
 from conftest import CIFAR_NAMES, cifar_bytes, make_cifar_tar, serve
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Builders of files in the real formats.
+
 
 def cifar_expected(n: int = 10) -> dict[str, np.ndarray]:
     parts = [cifar_bytes(i, n) for i in range(6)]
