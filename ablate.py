@@ -34,6 +34,8 @@ import numpy as np
 
 import data
 import jet
+import presets
+import timing
 import train
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -98,7 +100,7 @@ def cnn_flops(cfg: jet.Config, width: int, blocks: int) -> int:
 
 def cnn_width(cfg: jet.Config, blocks: int) -> int:
     """The width whose CNN costs closest to the ViT it replaces (FLOPs per coupling)."""
-    vit = train.forward_flops(cfg) / cfg.depth
+    vit = timing.forward_flops(cfg) / cfg.depth
     return min(range(1, 1025), key=lambda w: abs(cnn_flops(cfg, w, blocks) - vit))
 
 
@@ -239,19 +241,46 @@ def layer_inverse(p, index, y, cfg: jet.Config, v: Variant):
     return h, logdet
 
 
+def _check_shapes(x, perms, cfg: jet.Config, name: str) -> None:
+    """Raises ValueError, at trace time, for inputs that do not fit the Config."""
+    if x.ndim != 4 or tuple(x.shape[1:]) != cfg.image_shape:
+        raise ValueError(f"{name} must be [B, H, W, C] with (H, W, C) = {cfg.image_shape}, "
+                         f"got shape {tuple(x.shape)}.")
+    expected = (cfg.depth, cfg.num_tokens * cfg.token_dim)
+    if tuple(perms.shape) != expected:
+        raise ValueError(f"perms has shape {tuple(perms.shape)} but this Config needs "
+                         f"{expected}; were they made for another Config?")
+
+
+def coupling_scan(params, indices, h, k, coupling, remat=False, reverse=False):
+    """h [B, N, D'] through the couplings params[i] with split indices indices[i] [L, N*D'], in
+    order (reverse: last first, for the inverse); returns h and the summed log-det [B]."""
+    def step(h, layer):
+        p, index = layer
+        return coupling(p, index, h, k)
+    step = jax.checkpoint(step, policy=jet.remat_policy(remat))
+    h, logdets = jax.lax.scan(step, h, (params, indices), reverse=reverse)  # logdets [L, B]
+    return h, logdets.sum(0)
+
+
 def flow_forward(params, perms, x, cfg: jet.Config, remat=False, compute_dtype=None, *,
                  v: Variant):
-    """x [B, H, W, C] -> z, log|det dz/dx| [B]: jet's plain flow with layer_forward as each
-    coupling; jet.forward's signature (for train.py)."""
+    """x [B, H, W, C] -> z, log|det dz/dx| [B]: layer_forward as each of jet's couplings, in one
+    scan; jet.forward's signature (for train.py)."""
     _check_dtype(compute_dtype)
-    return jet.plain_forward(params, perms, x, cfg, remat=remat,
-                             coupling=lambda p, index, h, k: layer_forward(p, index, h, cfg, v))
+    _check_shapes(x, perms, cfg, "x")
+    h, logdet = coupling_scan(params, perms, jet.patchify(x, cfg.patch_size), cfg.scale_factor,
+                              lambda p, index, h, k: layer_forward(p, index, h, cfg, v), remat)
+    return jet.unpatchify(h, cfg.patch_size, cfg.image_shape), logdet
 
 
 def flow_inverse(params, perms, z, cfg: jet.Config, compute_dtype=None, *, v: Variant):
     _check_dtype(compute_dtype)
-    return jet.plain_inverse(params, perms, z, cfg,
-                             coupling=lambda p, index, y, k: layer_inverse(p, index, y, cfg, v))
+    _check_shapes(z, perms, cfg, "z")
+    h, logdet = coupling_scan(params, perms, jet.patchify(z, cfg.patch_size), cfg.scale_factor,
+                              lambda p, index, y, k: layer_inverse(p, index, y, cfg, v),
+                              reverse=True)
+    return jet.unpatchify(h, cfg.patch_size, cfg.image_shape), logdet
 
 
 def flow_sample(params, perms, key, n, cfg: jet.Config, temperature=1.0, compute_dtype=None,
@@ -342,17 +371,6 @@ def init_multiscale(key, cfg: jet.Config, v: Variant) -> tuple[dict, jax.Array]:
     return params, multiscale_perms(k_perms, cfg, F)
 
 
-def coupling_scan(params, indices, h, k, coupling, remat=False, reverse=False):
-    """h [B, N, D'] through the couplings params[i] with split indices indices[i] [L, N*D'], in
-    order (reverse: last first, for the inverse); returns h and the summed log-det [B]."""
-    def step(h, layer):
-        p, index = layer
-        return coupling(p, index, h, k)
-    step = jax.checkpoint(step, policy=jet.remat_policy(remat))
-    h, logdets = jax.lax.scan(step, h, (params, indices), reverse=reverse)  # logdets [L, B]
-    return h, logdets.sum(0)
-
-
 def factor_out(p, h):
     """h [B, N, D] -> kept [B, N, D/2], eps [B, N, D/2], log|det| [B]. The last D/2 dims of
     each token leave, a fixed half as in Glow: the random permutations of the channel couplings
@@ -374,23 +392,12 @@ def factor_in(p, kept, eps):
     return jnp.concatenate([kept, out], axis=-1), log_scale.sum((1, 2))
 
 
-def _check_multiscale(x, perms, cfg: jet.Config, v: Variant, name: str) -> int:
-    """Raises ValueError, at trace time, for inputs that do not fit the Config; returns F."""
-    if x.ndim != 4 or tuple(x.shape[1:]) != cfg.image_shape:
-        raise ValueError(f"{name} must be [B, H, W, C] with (H, W, C) = {cfg.image_shape}, "
-                         f"got shape {tuple(x.shape)}.")
-    expected = (cfg.depth, cfg.num_tokens * cfg.token_dim)
-    if tuple(perms.shape) != expected:
-        raise ValueError(f"perms has shape {tuple(perms.shape)} but this Config needs "
-                         f"{expected}; were they made for another Config?")
-    return factor_point(cfg, v)
-
-
 def multiscale_forward(params, perms, x, cfg: jet.Config, remat=False, compute_dtype=None, *,
                        v: Variant):
     """x [B, H, W, C] -> z [B, H, W, C], log|det dz/dx| [B]; jet.forward's signature."""
     _check_dtype(compute_dtype)
-    F, P, k = _check_multiscale(x, perms, cfg, v, "x"), cfg.patch_size, cfg.scale_factor
+    _check_shapes(x, perms, cfg, "x")
+    F, P, k = factor_point(cfg, v), cfg.patch_size, cfg.scale_factor
     half = cfg.num_tokens * cfg.token_dim // 2  # stage 2 reads this much of its perms rows
     h, logdet1 = coupling_scan(params["stage1"], perms[:F], jet.patchify(x, P), k,
                                jet.coupling_forward, remat)  # [B, N, D]
@@ -404,7 +411,8 @@ def multiscale_forward(params, perms, x, cfg: jet.Config, remat=False, compute_d
 def multiscale_inverse(params, perms, z, cfg: jet.Config, compute_dtype=None, *, v: Variant):
     """z [B, H, W, C] -> x, log|det dx/dz| [B]: multiscale_forward's steps undone, last first."""
     _check_dtype(compute_dtype)
-    F, P, k = _check_multiscale(z, perms, cfg, v, "z"), cfg.patch_size, cfg.scale_factor
+    _check_shapes(z, perms, cfg, "z")
+    F, P, k = factor_point(cfg, v), cfg.patch_size, cfg.scale_factor
     half = cfg.num_tokens * cfg.token_dim // 2
     y, eps = jnp.split(jet.patchify(z, P), 2, axis=-1)  # each [B, N, D/2]
     kept, logdet3 = coupling_scan(params["stage2"], perms[F:, :half], y, k,
@@ -447,7 +455,7 @@ def forward_flops(cfg: jet.Config, v: Variant) -> int:
     (D/4 -> E and E -> D/2 instead of D/2 -> E and E -> D); split2d adds its D/2 -> D layer."""
     N, D, E = cfg.num_tokens, cfg.token_dim, cfg.emb_dim
     if v.net == "vit":
-        flops = train.forward_flops(cfg)
+        flops = timing.forward_flops(cfg)
     else:
         flops = cfg.depth * cnn_flops(cfg, cnn_width(cfg, v.cnn_blocks), v.cnn_blocks)
     if v.multiscale:
@@ -459,7 +467,7 @@ def forward_flops(cfg: jet.Config, v: Variant) -> int:
 # ------------------------------------------------------------------------------------------
 # Experiments: one per claim of the paper
 
-SIX = ",".join(train.ALL_SIX)
+SIX = ",".join(presets.ALL_SIX)
 OFFICIAL_KINDS = ",".join(["channels"] * 4 + ["spatial"])
 BASE = Variant("cpu preset: 24 couplings x 1 ViT block, width 32, P=4")
 EXPERIMENTS = {
@@ -545,9 +553,9 @@ def run_variant(v: Variant, seed: int, args, image_shape) -> dict:
     if done:
         return done
     flags = run_flags(v, args.quick)
-    cfg = train.make_config(flags, image_shape)
+    cfg = presets.make_config(flags, image_shape)
     flops = 3 * forward_flops(cfg, v)  # training step ~ forward + backward (2x forward)
-    batch = int(flags.get("batch_size", train.PRESETS["cpu"]["batch_size"]))
+    batch = int(flags.get("batch_size", presets.PRESETS["cpu"]["batch_size"]))
     steps = 2 if args.quick else max(1, round(args.budget * 1e12 / (flops * batch)))
     workdir = os.path.join(args.workdir, "runs", run_id)
     argv = [f"--{k}={','.join(x) if isinstance(x, tuple) else x}" for k, x in flags.items()]
@@ -564,7 +572,8 @@ def run_variant(v: Variant, seed: int, args, image_shape) -> dict:
     out = train.main(argv, model)
     wall = time.time() - start
     params = jax.eval_shape(lambda: model["init"](jax.random.key(0), cfg)[0])
-    record = {"id": run_id, "variant": v.name, "seed": seed, "params": train.num_params(params),
+    record = {"id": run_id, "variant": v.name, "seed": seed,
+              "params": sum(x.size for x in jax.tree.leaves(params)),
               "train_gflop_per_image": flops * 1e-9, "steps": steps, "batch_size": batch,
               "train_tflop": flops * steps * batch * 1e-12, "wall_s": wall,
               "test_bpd": out["test_bpd"], "train_eval_bpd": out["train_eval_bpd"], **key}
@@ -632,10 +641,7 @@ def main(argv=None) -> dict[str, str]:
             for v in variants:
                 print(f"  - {v.name}")
         return {}
-    try:
-        image_shape = data.load(args.dataset, args.data_dir, md5=args.data_md5)["test"].shape[1:]
-    except ValueError as e:
-        sys.exit(f"ablate.py: error: {e}")
+    image_shape = data.image_shape(args.dataset)
     tables, start = {}, time.time()
     for name in names:
         claim, variants = EXPERIMENTS[name]
@@ -643,7 +649,7 @@ def main(argv=None) -> dict[str, str]:
                 for v in variants]
         tables[name] = table(claim, rows)
         print(f"\n## {name}\n\n{tables[name]}\n", flush=True)
-    print(f"ablate.py: {len(names)} experiment(s) in {train.format_seconds(time.time() - start)}"
+    print(f"ablate.py: {len(names)} experiment(s) in {timing.format_seconds(time.time() - start)}"
           f" (runs already in {args.workdir}/results.jsonl were not repeated).")
     for name in names:
         print(f"\n## {name}\n\n{tables[name]}")
@@ -651,4 +657,7 @@ def main(argv=None) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FloatingPointError) as e:  # bad flags or data: one line, no traceback
+        sys.exit(f"ablate.py: error: {e}")

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import resource
+import sys
 import time
 
 import jax
@@ -23,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jet
+import presets
+import timing
 import train
 
 SHAPES = {"tiny": (32, 32, 3), "cpu": (32, 32, 3), "cifar10": (32, 32, 3),
@@ -33,11 +36,11 @@ SHAPES = {"tiny": (32, 32, 3), "cpu": (32, 32, 3), "cifar10": (32, 32, 3),
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(train.PRESETS),
+    p.add_argument("--preset", default="tiny", choices=sorted(presets.PRESETS),
                    help="model and batch size of this train.py preset")
     p.add_argument("--image_shape", type=lambda s: tuple(int(v) for v in s.split(",")),
                    help="H,W,C (default: the preset's dataset shape)")
-    for name, kind in train.CONFIG_FLAG_TYPES.items():
+    for name, kind in presets.CONFIG_FLAG_TYPES.items():
         p.add_argument(f"--{name}", type=kind, help=f"override jet.Config.{name}")
     p.add_argument("--batch_size", type=int, help="override the preset's batch size")
     p.add_argument("--steps", type=int, default=10, help="timed calls of each kind")
@@ -46,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the ViT matmuls (train.py --dtype)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.error = presets.refuse
     args = p.parse_args(argv)
     for name in ("batch_size", "steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -86,24 +90,21 @@ def peak_memory_bytes() -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    overrides = {k: getattr(args, k) for k in train.CONFIG_FLAG_TYPES
+    overrides = {k: getattr(args, k) for k in presets.CONFIG_FLAG_TYPES
                  if getattr(args, k) is not None}
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
-    try:
-        cfg, flags = train.preset_settings(args.preset, overrides | {"steps": 1000},
-                                           args.image_shape or SHAPES[args.preset])
-    except ValueError as e:
-        raise SystemExit(f"bench.py: error: {e}")
-    batch, dtype = flags["batch_size"], train.compute_dtype({"dtype": args.dtype})
+    cfg, flags = presets.preset_settings(args.preset, overrides | {"steps": 1000},
+                                         args.image_shape or SHAPES[args.preset])
+    batch, dtype = flags["batch_size"], presets.compute_dtype({"dtype": args.dtype})
     params, perms = jax.jit(jet.init, static_argnums=1)(jax.random.key(0), cfg)
     images = jax.device_put(
         np.random.default_rng(0).integers(0, 256, (batch, *cfg.image_shape), np.uint8))
     result = {"config": dataclasses.asdict(cfg), "batch": batch, "dtype": args.dtype,
               "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-              "params": train.num_params(params),
-              "gflop_per_image_forward": train.forward_flops(cfg) / 1e9,
-              "gflop_per_image_train": 3 * train.forward_flops(cfg) / 1e9}
+              "params": sum(x.size for x in jax.tree.leaves(params)),
+              "gflop_per_image_forward": timing.forward_flops(cfg) / 1e9,
+              "gflop_per_image_train": 3 * timing.forward_flops(cfg) / 1e9}
     peak = {"float32": matmul_peak(jnp.float32)}
     if jax.default_backend() != "cpu":  # bf16 matmuls are emulated on most CPUs
         peak["bfloat16"] = matmul_peak(jnp.bfloat16)
@@ -112,7 +113,8 @@ def main(argv=None) -> dict:
                       else "float32"]
     for remat in ([args.remat] if args.remat is not None else [True, False]):
         result[f"train_remat_{'on' if remat else 'off'}"] = time_training(
-            cfg, flags, params, perms, images, remat, dtype, args.steps, peak_flops)
+            cfg, flags | {"remat": remat, "dtype": args.dtype}, (params, perms), images,
+            args.steps, peak_flops)
     result |= time_inference(cfg, params, perms, images, dtype, args.steps)
     result["memory_bytes"] = peak_memory_bytes()
     if args.json:
@@ -122,11 +124,10 @@ def main(argv=None) -> dict:
     return result
 
 
-def time_training(cfg, flags, params, perms, images, remat, dtype, steps, peak_flops) -> dict:
+def time_training(cfg, flags, model, images, steps, peak_flops) -> dict:
     """train.py's jitted step: compile time, img/s and the fraction of the matmul peak."""
-    tx = train.make_optimizer(flags)
-    step_fn = train.make_train_step(cfg, tx, remat, dtype)
-    state = train.new_state(*jax.tree.map(jnp.copy, (params, perms)), tx)  # donated below
+    step_fn = train.make_train_step(cfg, flags)
+    state = train.new_state(*jax.tree.map(jnp.copy, model), train.make_optimizer(flags))
     count, noise = iter(range(steps + 1)), jax.random.key(1)
 
     def step():  # threads the donated state through the timed calls
@@ -136,7 +137,7 @@ def time_training(cfg, flags, params, perms, images, remat, dtype, steps, peak_f
     compile_s, seconds = timed(step, steps=steps)
     batch = images.shape[0]
     return {"compile_s": compile_s, "img_per_s": batch / seconds,
-            "utilisation": 3 * train.forward_flops(cfg) * batch / seconds / peak_flops}
+            "utilisation": 3 * timing.forward_flops(cfg) * batch / seconds / peak_flops}
 
 
 def time_inference(cfg, params, perms, images, dtype, steps) -> dict:
@@ -171,4 +172,7 @@ def print_report(result: dict, args, overrides: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a bad setting: one line, no traceback
+        sys.exit(f"bench.py: error: {e}")

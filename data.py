@@ -15,10 +15,13 @@ Files the user placed (an extracted CIFAR-10 folder, IDX files) are used as they
 archive is md5-checked before use; a download enters the cache only once its md5 matches.
 """
 
+import contextlib
 import functools
 import gzip
 import hashlib
 import http.client
+import json
+import math
 import os
 import sys
 import tarfile
@@ -355,6 +358,47 @@ def load(name: str, data_dir: str | None = None, *, url: str | None = None,
 
 NUM_CLASSES = {"cifar10": 10, "mnist": 10, "fashion_mnist": 10, "imagenet32": 1000,
                "imagenet64": 1000, "synthetic": 10}
+IMAGE_SHAPES = {"cifar10": (32, 32, 3), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1),
+                "imagenet32": (32, 32, 3), "imagenet64": (64, 64, 3), "synthetic": (16, 16, 3)}
+
+
+def image_shape(name: str) -> tuple[int, int, int]:
+    """(H, W, C) of a dataset's images without loading it: the published size, or for an npz
+    file the shape in the header of its `train` array (nothing else is read)."""
+    if name in IMAGE_SHAPES:
+        return IMAGE_SHAPES[name]
+    if not name.startswith("npz:"):
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(NAMES)}.")
+    path = os.path.expanduser(name[len("npz:"):])
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("train.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                           np.lib.format.read_array_header_2_0)
+            shape = read_header(f)[0]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise DataError(f"npz dataset {path}: no readable `train` array ({e}). Write it with "
+                        "np.savez(path, train=..., test=...).") from e
+    if len(shape) != 4:
+        raise DataError(f"{path}: array `train` must be uint8 [N, H, W, C], found shape {shape}.")
+    return tuple(shape[1:])
+
+
+def check_labels(name: str, dataset: dict[str, np.ndarray]) -> int:
+    """A class-conditional run's number of classes, after checking that every image has a
+    label in range."""
+    if "train_labels" not in dataset or "test_labels" not in dataset:
+        missing = "train" if "train_labels" not in dataset else "test"
+        raise DataError(f"--conditional needs labels, but dataset {name} has none for "
+                        f"{missing}; for an npz file, add integer arrays train_labels and "
+                        "test_labels.")
+    K = num_classes(name, dataset)
+    for split in ("train", "test"):
+        labels = dataset[f"{split}_labels"]
+        if len(labels) and not 0 <= labels.min() <= labels.max() < K:
+            raise DataError(f"--conditional: {split} labels of {name} lie in [{labels.min()}, "
+                            f"{labels.max()}], outside the {K} classes 0 .. {K - 1}.")
+    return K
 
 
 def num_classes(name: str, dataset: dict[str, np.ndarray]) -> int:
@@ -382,6 +426,72 @@ def validation_split(dataset: dict[str, np.ndarray], n: int) -> dict[str, np.nda
         out[name.replace("train", "validation")] = dataset[name][held]
         out[name] = dataset[name][keep]
     return out
+
+
+def load_for_run(f: dict, image_shape) -> tuple[dict[str, np.ndarray], int | None]:
+    """The arrays a training run with settings f uses: load(f["dataset"], ...), its images
+    checked against `image_shape` (the model's), with --validation's split; and for a
+    --conditional run the number of classes, after checking every label (check_labels)."""
+    dataset = load(f["dataset"], f.get("data_dir"), url=f.get("data_url"), md5=f.get("data_md5"))
+    if tuple(dataset["train"].shape[1:]) != tuple(image_shape):
+        raise DataError(f"dataset {f['dataset']} has images {dataset['train'].shape[1:]}, the "
+                        f"model (its checkpoint) expects {tuple(image_shape)}.")
+    K = check_labels(f["dataset"], dataset) if f.get("conditional") else None
+    return (validation_split(dataset, f["validation"]) if f.get("validation") else dataset), K
+
+
+def histogram_bpd(train: np.ndarray, held: np.ndarray) -> float:
+    """Bits/dim of the uint8 images `held` under a per-pixel histogram of `train`: each position
+    (row, column, channel) gets its own 256-bin histogram with add-one smoothing, and positions
+    are independent. The trivial baseline: a model that does not beat it has learnt nothing
+    about how pixels go together."""
+    D = math.prod(train.shape[1:])
+    counts = np.ones(D * 256)
+    offsets = np.arange(D) * 256  # position d's bins: d*256 .. d*256 + 255
+    for i in range(0, len(train), 4096):  # in chunks: the index array is 8 bytes a value
+        counts += np.bincount((train[i:i + 4096].reshape(-1, D) + offsets).ravel(),
+                              minlength=D * 256)
+    log_p = np.log2(counts.reshape(D, 256) / counts.reshape(D, 256).sum(1, keepdims=True))
+    bits = sum(float(-log_p[np.arange(D), held[i:i + 4096].reshape(-1, D)].sum())
+               for i in range(0, len(held), 4096))
+    return bits / (len(held) * D)
+
+
+def histogram_baselines(dataset: dict[str, np.ndarray], name: str, data_dir: str | None,
+                        validation: int | None) -> dict[str, float]:
+    """histogram_bpd of the held-out sets ("validation" if there is one, "test") under the
+    training set's histogram, cached in <data_dir>/baselines.json by dataset and split (an npz
+    file also by its size and modification time)."""
+    key = f"{name} validation={validation or 0}"
+    if name.startswith("npz:"):
+        stat = os.stat(os.path.expanduser(name[len("npz:"):]))
+        key += f" size={stat.st_size} mtime={stat.st_mtime_ns}"
+    path = os.path.join(os.path.expanduser(data_dir or DEFAULT_DATA_DIR), "baselines.json")
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = {split: histogram_bpd(dataset["train"], dataset[split])
+                      for split in ("validation", "test") if split in dataset}
+        with contextlib.suppress(OSError):  # a read-only data directory: computed every time
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+                json.dump(cache, f, indent=1)
+            os.replace(f"{path}.{os.getpid()}.tmp", path)
+    return cache[key]
+
+
+def padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int, limit: int | None = None):
+    """Batches of batch_size rows of each array (their first `limit` rows, default all), the
+    last one padded with zeros, with a float32 mask [batch_size] of the real rows."""
+    n = min(limit or len(arrays[0]), len(arrays[0]))
+    for i in range(0, n, batch_size):
+        real = min(batch_size, n - i)
+        padded = [np.concatenate([a[i:i + real], np.zeros((batch_size - real, *a.shape[1:]),
+                                                          a.dtype)]) for a in arrays]
+        yield padded, (np.arange(batch_size) < real).astype(np.float32)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

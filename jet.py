@@ -455,46 +455,41 @@ def _check_context(context, batch, cfg):
                          f"use jax.nn.one_hot(labels, {C})[:, None].")
 
 
-def remat_policy(remat: bool):
-    """What backprop keeps of each coupling: remat=True only its input, recomputing its ViT (as
-    big_vision does); remat=False also the ViT's matmul outputs (the cheap rest is recomputed)."""
-    policies = jax.checkpoint_policies
-    return policies.nothing_saveable if remat else policies.dots_with_no_batch_dims_saveable
-
-
 def plain_forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config,
-                  coupling=coupling_forward, remat: bool = False, context=None):
+                  context=None, affine=affine_forward):
     """The flow as the paper writes it: x [B, H, W, C] -> z [B, H, W, C], log|det dz/dx| [B].
 
-    patchify, then coupling i (parameters params[i], split index perms[i]) for i = 0 .. depth-1,
-    then unpatchify; the log-det of the composition is the sum of the couplings' log-dets.
-    `coupling(p, index, h, k) -> (y, logdet)` is one coupling; pass
-    functools.partial(coupling_forward, net=...) to use another coupling network. A
-    conditional Config needs context [B, T_ctx, C_ctx], which every coupling receives as
-    `coupling(..., context=context)`."""
+    Patchify; then for each coupling i: split the tokens by its index perms[i], transform x2
+    with its parameters params[i], merge; unpatchify. The log-det of the composition is the sum
+    of the couplings' log-dets. `affine(p, x1, x2, k, context=...)` is the coupling's equation;
+    functools.partial(affine_forward, net=...) puts another network in place of the ViT. A
+    conditional Config needs context [B, T_ctx, C_ctx], which every coupling receives."""
     _check_input(x, perms, cfg, "x", context)
-    extra = {} if context is None else {"context": context}  # couplings without one: ablate.py
-
-    def step(h, layer):  # one coupling on h [B, N, D]
-        p, index = layer
-        return coupling(p, index, h, cfg.scale_factor, **extra)
-    step = jax.checkpoint(step, policy=remat_policy(remat))
-    h, logdets = jax.lax.scan(step, patchify(x, cfg.patch_size), (params, perms))  # [depth, B]
-    return unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
+    h = patchify(x, cfg.patch_size)  # [B, N, D]
+    logdet = jnp.zeros(x.shape[:1], x.dtype)
+    for i in range(cfg.depth):
+        p = jax.tree.map(lambda leaf: leaf[i], params)  # coupling i's ViT
+        x1, x2 = split(h, perms[i])  # [B, N, D] -> 2 x [B, N, D/2]
+        y2, coupling_logdet = affine(p, x1, x2, cfg.scale_factor, context=context)
+        h = merge(x1, y2, perms[i])  # y1 = x1
+        logdet = logdet + coupling_logdet
+    return unpatchify(h, cfg.patch_size, cfg.image_shape), logdet
 
 
 def plain_inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config,
-                  coupling=coupling_inverse, context=None):
-    """x = f^-1(z), log|det dx/dz| [B]: the inverse couplings, last first, each given the
-    same context as in plain_forward."""
+                  context=None, affine=affine_inverse):
+    """x = f^-1(z), log|det dx/dz| [B]: plain_forward's steps undone, last coupling first, each
+    given the same context."""
     _check_input(z, perms, cfg, "z", context)
-    extra = {} if context is None else {"context": context}
-
-    def step(h, layer):
-        p, index = layer
-        return coupling(p, index, h, cfg.scale_factor, **extra)
-    h, logdets = jax.lax.scan(step, patchify(z, cfg.patch_size), (params, perms), reverse=True)
-    return unpatchify(h, cfg.patch_size, cfg.image_shape), logdets.sum(0)
+    h = patchify(z, cfg.patch_size)  # [B, N, D]
+    logdet = jnp.zeros(z.shape[:1], z.dtype)
+    for i in reversed(range(cfg.depth)):
+        p = jax.tree.map(lambda leaf: leaf[i], params)
+        y1, y2 = split(h, perms[i])
+        x2, coupling_logdet = affine(p, y1, y2, cfg.scale_factor, context=context)
+        h = merge(y1, x2, perms[i])
+        logdet = logdet + coupling_logdet
+    return unpatchify(h, cfg.patch_size, cfg.image_shape), logdet
 
 
 # ---- Flow, fast path: the same map with each merge and the next split fused ------------
@@ -504,6 +499,13 @@ def plain_inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config,
 # [N*D, B] so that each gather, and its gradient (a scatter-add), moves whole rows of B values.
 # Same couplings, same values (test_jet.py: test_fast_path_equals_plain_flow); training,
 # evaluation and sampling use this path. Measurements: docs/speed.md.
+
+def remat_policy(remat: bool):
+    """What backprop keeps of each coupling: remat=True only its input, recomputing its ViT (as
+    big_vision does); remat=False also the ViT's matmul outputs (the cheap rest is recomputed)."""
+    policies = jax.checkpoint_policies
+    return policies.nothing_saveable if remat else policies.dots_with_no_batch_dims_saveable
+
 
 def chain_indices(perms: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Split indices [L, N*D] of L couplings, in running order -> (first, moves). `forward` keeps

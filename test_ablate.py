@@ -16,9 +16,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ablate
+import checkpoints
 import jet
+import presets
+import timing
 import train
-from conftest import ROUND_TRIP_BOUND, configs, images, random_params
+from conftest import (check_logdet_against_jacobian, check_round_trip, configs, images,
+                      random_params)
 
 VARIANTS = (ablate.Variant("cnn", net="cnn"),
             ablate.Variant("cnn, 2 blocks, actnorm, dense", net="cnn", cnn_blocks=2,
@@ -61,38 +65,17 @@ def random_flow_params(cfg, v, seed, dtype=np.float32):
 # The new bijections and the CNN coupling: the properties of jet's couplings
 
 
-def check_round_trip(forward, inverse, cfg, v, seed):
-    """inverse(forward(x)) = x and forward(inverse(z)) = z with every parameter random, to the
-    bound jet's couplings meet (per coupling, relative to the magnitudes involved); the
-    inverse log-det is minus the forward one; the layers really move x."""
+def variant_round_trip(forward, inverse, cfg, v, seed):
+    """conftest.check_round_trip with every parameter random; the layers really move x."""
     params, perms = random_flow_params(cfg, v, seed)
-    k_x, k_z = jax.random.split(jax.random.key(seed))
-    x = images(k_x, cfg)
-    z = jax.random.normal(k_z, x.shape)
-    fx, logdet = forward(params, perms, x, cfg, v=v)
-    x_back, logdet_back = inverse(params, perms, fx, cfg, v=v)
-    iz, inv_logdet = inverse(params, perms, z, cfg, v=v)
-    z_back, inv_logdet_back = forward(params, perms, iz, cfg, v=v)
-    for got, want, through in ((x_back, x, fx), (z_back, z, iz)):
-        scale = max(1.0, float(jnp.abs(want).max()), float(jnp.abs(through).max()))
-        assert float(jnp.abs(got - want).max()) / (cfg.depth * scale) <= ROUND_TRIP_BOUND
-    np.testing.assert_allclose(logdet_back, -logdet, rtol=1e-5, atol=1e-3)
-    np.testing.assert_allclose(inv_logdet_back, -inv_logdet, rtol=1e-5, atol=1e-3)
+    x, fx = check_round_trip(forward, inverse, params, perms, cfg, seed, v=v)
     assert float(jnp.abs(fx - x).max()) > 1e-3
 
 
-def check_logdet_against_jacobian(forward, inverse, cfg, v, seed):
-    """log-det = log|det J|, J = jax.jacfwd of the map, in float64, forward and inverse, with
-    every parameter random."""
+def variant_logdet(forward, inverse, cfg, v, seed):
+    """conftest.check_logdet_against_jacobian with every parameter random, in float64."""
     params, perms = random_flow_params(cfg, v, seed, np.float64)
-    x = images(jax.random.key(seed), cfg, batch=1, dtype=jnp.float64)
-    for fn in (forward, inverse):
-        def flat_map(u):
-            return fn(params, perms, u.reshape(x.shape), cfg, v=v)[0].reshape(-1)
-        sign, expected = jnp.linalg.slogdet(jax.jit(jax.jacfwd(flat_map))(x.reshape(-1)))
-        assert sign != 0
-        np.testing.assert_allclose(fn(params, perms, x, cfg, v=v)[1][0], expected,
-                                   rtol=1e-9, atol=1e-9)
+    check_logdet_against_jacobian(forward, inverse, params, perms, cfg, seed, v=v)
 
 
 @pytest.mark.slow
@@ -100,14 +83,14 @@ def check_logdet_against_jacobian(forward, inverse, cfg, v, seed):
 def test_variant_flows_are_invertible_in_float32(cfg, v, seed):
     """flow_inverse(flow_forward(x)) = x and back from z, to the bound jet's couplings meet
     (per layer, relative to the magnitudes involved); inverse log-det = minus forward's."""
-    check_round_trip(forward, inverse, cfg, v, seed)
+    variant_round_trip(forward, inverse, cfg, v, seed)
 
 
 @pytest.mark.slow
 @given(configs(max_depth=2), st.sampled_from(VARIANTS), st.integers(0, 2 ** 31 - 1))
 def test_variant_logdet_equals_slogdet_of_jacobian(x64, cfg, v, seed):
     """log-det = log|det J|, J = jax.jacfwd of the map, in float64, forward and inverse."""
-    check_logdet_against_jacobian(forward, inverse, cfg, v, seed)
+    variant_logdet(forward, inverse, cfg, v, seed)
 
 
 @pytest.mark.slow
@@ -184,8 +167,8 @@ def test_variant_flops_match_xla_count(v):
     analysis = forward.lower(params, perms, x, cfg, v=v).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     assert ablate.forward_flops(cfg, v) == pytest.approx(analysis["flops"] / 8, rel=0.15)
-    cpu = train.make_config({"preset": "cpu"}, (32, 32, 3))
-    assert ablate.forward_flops(cpu, v) == pytest.approx(train.forward_flops(cpu), rel=0.1)
+    cpu = presets.make_config({"preset": "cpu"}, (32, 32, 3))
+    assert ablate.forward_flops(cpu, v) == pytest.approx(timing.forward_flops(cpu), rel=0.1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -215,7 +198,7 @@ def test_multiscale_flow_is_invertible_in_float32(case, seed):
     eps, and z from x, to the bound jet's couplings meet (per coupling, relative to the
     magnitudes involved); inverse log-det = minus forward's."""
     cfg, v = case
-    check_round_trip(ms_forward, ms_inverse, cfg, v, seed)
+    variant_round_trip(ms_forward, ms_inverse, cfg, v, seed)
 
 
 @pytest.mark.slow
@@ -224,7 +207,7 @@ def test_multiscale_logdet_equals_slogdet_of_jacobian(x64, case, seed):
     """log-det = log|det J|, J = jax.jacfwd of the whole map x -> z (factoring and either
     prior included), in float64, forward and inverse."""
     cfg, v = case
-    check_logdet_against_jacobian(ms_forward, ms_inverse, cfg, v, seed)
+    variant_logdet(ms_forward, ms_inverse, cfg, v, seed)
 
 
 def test_factoring_step_alone(x64):
@@ -277,7 +260,7 @@ def test_multiscale_perms_fit_train_checkpoints():
     entries are a coupling's split of the kept [N, D/2] tokens, as that coupling's kind says."""
     cfg, F = MS_CFG, 2
     perms = ablate.multiscale_perms(jax.random.key(3), cfg, F)
-    template = train.state_template(cfg, None, ablate.make_model(
+    template = checkpoints.state_template(cfg, None, ablate.make_model(
         ablate.Variant("ms", multiscale="normal", factor_after=F))["init"])["perms"]
     assert (perms.shape, perms.dtype) == (template.shape, template.dtype)
     np.testing.assert_array_equal(perms[:F], jet.init_perms(jax.random.key(3), cfg)[:F])
@@ -329,8 +312,8 @@ def test_multiscale_flops_match_xla_count(prior):
     analysis = ms_forward.lower(params, perms, x, cfg, v=v).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     assert ablate.forward_flops(cfg, v) == pytest.approx(analysis["flops"] / 8, rel=0.15)
-    cpu = train.make_config({"preset": "cpu"}, (32, 32, 3))
-    assert ablate.forward_flops(cpu, v) == pytest.approx(train.forward_flops(cpu), rel=0.05)
+    cpu = presets.make_config({"preset": "cpu"}, (32, 32, 3))
+    assert ablate.forward_flops(cpu, v) == pytest.approx(timing.forward_flops(cpu), rel=0.05)
 
 
 def test_invalid_multiscale_variants_raise():
@@ -368,7 +351,7 @@ def test_every_experiment_builds_on_cifar10():
     args = ablate.parse_args([])
     for claim, variants in ablate.EXPERIMENTS.values():
         for v in variants:
-            cfg = train.make_config(ablate.run_flags(v, False), (32, 32, 3))
+            cfg = presets.make_config(ablate.run_flags(v, False), (32, 32, 3))
             steps = args.budget * 1e12 / (3 * ablate.forward_flops(cfg, v) * 64)
             assert 30 <= steps <= 3000, (v.name, steps)
 
@@ -408,20 +391,21 @@ def test_quick_runs_every_model_kind_then_reuses_its_results(tmp_path, monkeypat
         raise AssertionError("a stored result was trained again")
     monkeypatch.setattr(train, "main", no_training)
     assert ablate.main(argv) == tables
+    monkeypatch.undo()
 
     cnn = next(r for r in records if r["net"] == "cnn")
     workdir = tmp_path / "runs" / cnn["id"]
     with pytest.raises(ValueError, match="holds a run of model 'ablate:cnn1'"):
-        train.run(train.parse_args(["--dataset", "synthetic", "--workdir", str(workdir)]))
+        train.main(["--dataset", "synthetic", "--workdir", str(workdir)])
 
     for v in ablate.EXPERIMENTS["multiscale"][1][1:]:
         run = next(r for r in records if r.get("multiscale") == v.multiscale)
         workdir = str(tmp_path / "runs" / run["id"])
         flags = ["--dataset", "synthetic", "--workdir", workdir]
-        evaluated = train.run(train.parse_args([*flags, "--eval_only"]), ablate.make_model(v))
+        evaluated = train.main([*flags, "--eval_only"], ablate.make_model(v))
         assert evaluated["test_bpd"] == run["test_bpd"]
-        assert os.path.exists(train.run(train.parse_args([*flags, "--sample", "4"]),
-                                        ablate.make_model(v))["samples"])
+        sampled = train.main([*flags, "--sample", "4"], ablate.make_model(v))
+        assert os.path.exists(sampled["samples"])
 
 
 def test_bad_arguments_are_refused(capsys):

@@ -4,6 +4,7 @@ the package is absent)."""
 
 import gzip
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -465,3 +466,35 @@ def test_validation_split_partitions_the_training_set(size, draw):
 def test_validation_split_needs_examples_left_to_train_on(n):
     with pytest.raises(data.DataError, match="--validation"):
         data.validation_split({"train": np.zeros((5, 1, 1, 1)), "train_labels": np.zeros(5)}, n)
+
+
+# ------------------------------------------------------------------------------------------
+# The trivial baseline
+
+
+def test_histogram_baseline_is_the_per_pixel_code_length():
+    """Each position has its own 256-bin histogram with add-one smoothing: two training
+    images [0, 7] and [0, 9] give position 0 the count 2 + 1 of 2 + 256 for value 0 and
+    position 1 the count 1 + 1 for value 7; positions do not inform each other."""
+    train = np.array([[0, 7], [0, 9]], np.uint8).reshape(2, 1, 1, 2)
+    held = np.array([[0, 7]], np.uint8).reshape(1, 1, 1, 2)
+    expected = (-np.log2(3 / 258) - np.log2(2 / 258)) / 2
+    assert data.histogram_bpd(train, held) == pytest.approx(expected, rel=1e-12)
+    # Chunked over many images, the same as one pass: 5000 random images of 3 values.
+    rng = np.random.default_rng(0)
+    many = rng.integers(0, 256, (5000, 1, 1, 3), np.uint8)
+    some = rng.integers(0, 256, (7, 1, 1, 3), np.uint8)
+    counts = [np.bincount(many[:, 0, 0, c], minlength=256) + 1 for c in range(3)]
+    want = -np.mean([np.log2(counts[c][some[:, 0, 0, c]] / counts[c].sum()) for c in range(3)])
+    assert data.histogram_bpd(many, some) == pytest.approx(want, rel=1e-12)
+
+
+def test_histogram_baselines_are_cached_beside_the_data(tmp_path, monkeypatch):
+    """The figures of a dataset and split are computed once and read back from
+    <data_dir>/baselines.json; another split is another entry."""
+    dataset = data.validation_split(data.load("synthetic"), 100)
+    first = data.histogram_baselines(dataset, "synthetic", tmp_path, 100)
+    assert set(first) == {"validation", "test"} and 7 < first["validation"] < 8
+    monkeypatch.setattr(data, "histogram_bpd", lambda *a: pytest.fail("computed again"))
+    assert data.histogram_baselines(dataset, "synthetic", tmp_path, 100) == first
+    assert set(json.load(open(tmp_path / "baselines.json"))) == {"synthetic validation=100"}

@@ -13,8 +13,11 @@ import struct
 import subprocess
 import sys
 import tempfile
+import re
 import time
+import types
 import zlib
+from xml.etree import ElementTree
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +25,17 @@ import numpy as np
 import pytest
 
 import bench
+import checkpoints
+import cluster
 import jet
+import pictures
+import presets
+import timing
 import train
 from conftest import make_cifar_tar, serve
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SVG = "{http://www.w3.org/2000/svg}"
 # 3 couplings of width 16 on 32x32 CIFAR-layout images: compiles in seconds.
 SMALL = ["--preset", "tiny", "--depth", "3", "--emb_dim", "16", "--num_heads", "2",
          "--batch_size", "16", "--eval_batch_size", "24", "--log_every", "2"]
@@ -60,7 +69,8 @@ def metrics(workdir):
 
 
 def comparable(records):
-    return [{k: v for k, v in r.items() if k != "img_per_s"} for r in records]
+    """metrics.jsonl's records without the ones that measure this machine's speed."""
+    return [{k: v for k, v in r.items() if k not in ("img_per_s", "time_s")} for r in records]
 
 
 def subprocess_env(env_extra=None) -> dict:
@@ -91,13 +101,20 @@ def test_download_train_eval_png_kill_resume(cifar, tmp_path):
                   "--data_url", f"{base}/cifar-10-binary.tar.gz", "--steps", 16,
                   "--eval_every", 8, "--ckpt_every", 4, "--log_every", 3]
         reference = run_train(*common, "--workdir", tmp_path / "reference")
-    assert os.listdir(data_dir) == ["cifar-10-binary.tar.gz"]  # cached, nothing else
+    # cached, beside the histogram baseline of its test set; nothing else
+    assert sorted(os.listdir(data_dir)) == ["baselines.json", "cifar-10-binary.tar.gz"]
     records = metrics(tmp_path / "reference")
+    assert records[0] == {"step": 0, "baseline_test_bpd": pytest.approx(8.148, abs=1e-3)}
     assert [r["step"] for r in records if "test_bpd" in r] == [8, 16]
     assert records[-1]["test_bpd"] == reference["test_bpd"]
-    assert {"epoch", "train_bpd", "lr", "grad_norm", "img_per_s"} <= set(records[0])
+    assert {"epoch", "train_bpd", "lr", "grad_norm", "img_per_s", "time_s"} <= set(records[1])
     assert sorted(p for p in os.listdir(tmp_path / "reference") if p.endswith(".png")) == [
         "samples_0000008.png", "samples_0000016.png"]
+    assert curve_points(tmp_path / "reference" / "curve.svg") == {
+        "train": [(r["step"], r["train_bpd"]) for r in records if "train_bpd" in r],
+        "held": [(r["step"], r["test_bpd"]) for r in records if "test_bpd" in r],
+        "baseline": [(0, records[0]["baseline_test_bpd"]),
+                     (16, records[0]["baseline_test_bpd"])]}
 
     # The same command, killed after step 9 (the server is gone: data comes from the cache).
     # Checkpoints (every 4) fall inside log windows (every 3), which must survive the resume.
@@ -136,11 +153,12 @@ def test_interrupted_checkpoint_write_resumes_exactly(cifar, tmp_path, monkeypat
     calls = []
 
     def replace_then_die(src, dst):
-        calls.append(dst)
-        if str(dst).endswith("checkpoint.npz") and len(calls) == 2:
-            raise KeyboardInterrupt  # the process dies here, the .tmp is complete
+        if str(dst).endswith("checkpoint.npz"):
+            calls.append(dst)
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # the process dies here, the .tmp is complete
         return os.rename(src, dst)
-    monkeypatch.setattr(train.os, "replace", replace_then_die)
+    monkeypatch.setattr(checkpoints.os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_train(*argv, "--workdir", tmp_path / "run")
     monkeypatch.undo()
@@ -280,23 +298,23 @@ def test_a_signal_stops_at_a_checkpoint_and_the_same_command_resumes(
     argv = [*SMALL, "--dataset", "synthetic", "--steps", 12, "--eval_every", 6,
             "--ckpt_every", 5]
     reference = run_train(*argv, "--workdir", tmp_path / "reference")
-    at = random.randrange(1, 12)
-    log_progress = train.log_progress
+    at, steps, agreed_stop = random.randrange(1, 12), [], cluster.agreed_stop
 
-    def signal_at(log, f, step, out):
-        log_progress(log, f, step, out)
-        if step == at:
+    def signal_at(stop, put_batch):  # asked after every step: the n-th time after step n
+        steps.append(len(steps) + 1)
+        if steps[-1] == at:
             os.kill(os.getpid(), signum)
-    monkeypatch.setattr(train, "log_progress", signal_at)
+        return agreed_stop(stop, put_batch)
+    monkeypatch.setattr(cluster, "agreed_stop", signal_at)
     if signal.getsignal(signum) is signal.SIG_IGN:  # a shell's background job ignores Ctrl-C,
         previous = signal.signal(signum, signal.default_int_handler)  # and so would train.py
         request.addfinalizer(lambda: signal.signal(signum, previous))
-    handlers = [signal.getsignal(s) for s in train.STOP_SIGNALS]
+    handlers = [signal.getsignal(s) for s in cluster.STOP_SIGNALS]
     with pytest.raises(SystemExit) as exit_info:
         run_train(*argv, "--workdir", tmp_path / "run")
     monkeypatch.undo()
     assert exit_info.value.code == 128 + signum, f"signal at step {at}"
-    assert [signal.getsignal(s) for s in train.STOP_SIGNALS] == handlers
+    assert [signal.getsignal(s) for s in cluster.STOP_SIGNALS] == handlers
     checkpoint = tmp_path / "run" / "checkpoint.npz"
     assert (f"train.py: stopped by {signum.name} at step {at}/12; checkpoint written to "
             f"{checkpoint}; run the same command to resume.\n") in capsys.readouterr().out
@@ -311,15 +329,15 @@ def test_stop_signals_ask_once_then_exit_and_leave_handlers_as_they_were():
     the previous handlers are back."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        before = [signal.getsignal(s) for s in train.STOP_SIGNALS]
-        with train.stop_signals() as stop:
+        before = [signal.getsignal(s) for s in cluster.STOP_SIGNALS]
+        with cluster.stop_signals() as stop:
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             os.kill(os.getpid(), signal.SIGTERM)
             assert stop["signal"] == signal.SIGTERM
             with pytest.raises(SystemExit) as exit_info:
                 os.kill(os.getpid(), signal.SIGTERM)
             assert exit_info.value.code == 128 + signal.SIGTERM
-        assert [signal.getsignal(s) for s in train.STOP_SIGNALS] == before
+        assert [signal.getsignal(s) for s in cluster.STOP_SIGNALS] == before
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -351,7 +369,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last(
             raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
         replace(src, dst)
     monkeypatch.setattr(np, "savez", full_disk)
-    monkeypatch.setattr(train.os, "replace", denied)
+    monkeypatch.setattr(checkpoints.os, "replace", denied)
     expect_error(capsys, f"cannot write the checkpoint {path}: "
                  f"{os.strerror(getattr(errno, cause))} ({cause}); the previous one is untouched",
                  *argv, "--workdir", tmp_path / "run")
@@ -371,14 +389,14 @@ def test_a_workdir_made_read_only_stops_the_run_and_keeps_the_last_checkpoint(
     EACCES naming the file; the first checkpoint is intact and no temporary file is left."""
     argv = [*SMALL, "--dataset", "synthetic", "--steps", 8, "--eval_every", 8,
             "--ckpt_every", 3, "--workdir", tmp_path / "run"]
-    save, calls = train.save_checkpoint, []
+    save, calls = checkpoints.save, []
 
     def read_only_then_save(path, state, meta):
         calls.append(path)
         if len(calls) == 2:
             os.chmod(tmp_path / "run", 0o500)
         save(path, state, meta)
-    monkeypatch.setattr(train, "save_checkpoint", read_only_then_save)
+    monkeypatch.setattr(checkpoints, "save", read_only_then_save)
     try:
         expect_error(capsys, "checkpoint.npz: Permission denied (EACCES); the previous one is "
                      "untouched", *argv)
@@ -401,7 +419,7 @@ def test_a_workdir_held_by_a_live_run_is_refused_and_a_stale_lock_is_taken(tmp_p
         expect_error(capsys, "in use by another train.py (pid 4242 on elsewhere, since",
                      *SMALL, "--dataset", "synthetic", "--workdir", workdir)
     assert os.listdir(workdir) == [".lock"]  # still the holder's: nothing was written
-    with train.workdir_lock(str(workdir), training=True):
+    with cluster.workdir_lock(str(workdir), training=True):
         assert (workdir / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
 
 
@@ -410,8 +428,8 @@ def test_a_killed_run_does_not_block_its_workdir(tmp_path, capsys, compile_cache
     """A live process holding a workdir refuses a second run, which names its pid; SIGKILLed
     (no chance to clean up), it leaves its lock file behind, and that no longer blocks."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time, train\n"
-         "with train.workdir_lock(sys.argv[1], training=True):\n"
+        [sys.executable, "-c", "import sys, time, cluster\n"
+         "with cluster.workdir_lock(sys.argv[1], training=True):\n"
          "    print('held', flush=True)\n    time.sleep(600)", str(tmp_path)],
         stdout=subprocess.PIPE, text=True, cwd=HERE, env=subprocess_env())
     argv = [*SMALL, "--dataset", "synthetic", "--steps", 2, "--eval_every", 2,
@@ -465,11 +483,11 @@ def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path, capsys):
 # Bad input: a clear one-line error, and nothing changed
 
 
-def expect_error(capsys, message, *argv):
-    with pytest.raises(SystemExit) as exit_info:
+def expect_error(capsys, message, *argv, error=ValueError):
+    """train.main raises `error` with `message` (the command line prints it as one line)."""
+    with pytest.raises(error) as info:
         run_train(*argv)
-    assert message in str(exit_info.value), exit_info.value
-    assert "Traceback" not in capsys.readouterr().err
+    assert message in str(info.value), info.value
 
 
 def test_bad_input_is_refused_clearly(cifar, tmp_path, capsys):
@@ -497,6 +515,10 @@ def test_checkpoint_problems_are_refused(cifar, tmp_path, capsys):
     expect_error(capsys, "changes the model", *argv, "--emb_dim", 32,
                  "--workdir", tmp_path / "run")
     expect_error(capsys, "changes {'lr'", *argv, "--lr", 0.1, "--workdir", tmp_path / "run")
+    expect_error(capsys, "changes {'preset': ('tiny', 'cpu')", *argv, "--preset", "cpu",
+                 "--workdir", tmp_path / "run")
+    expect_error(capsys, "changes {'dataset': ('synthetic', 'cifar10')", *argv, "--dataset",
+                 "cifar10", "--workdir", tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoint.npz"
     good = ckpt.read_bytes()
     ckpt.write_bytes(good[: len(good) // 2])
@@ -516,9 +538,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     checkpoint on disk is one from before it."""
     argv = [*SMALL, "--dataset", "synthetic", "--steps", 40, "--lr", 1e12, "--warmup", 0,
             "--ckpt_every", 1, "--eval_every", 100, "--workdir", tmp_path]
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(FloatingPointError) as info:
         run_train(*argv)
-    message = str(exit_info.value)
+    message = str(info.value)
     assert "became" in message and "at step" in message
     bad_step = int(message.split("at step ")[1].split(";")[0])
     meta = json.loads(str(np.load(tmp_path / "checkpoint.npz")["meta"]))
@@ -559,7 +581,7 @@ def test_conditional_run_classifies_and_samples_each_class(tmp_path):
     for key in ("test_bpd", "test_accuracy", "test_unconditional_bpd"):
         assert again[key] == pytest.approx(out[key], abs=1e-5)
     grid = run_train("--workdir", tmp_path / "run", "--sample", 3, "--temperature", "0.7,1")
-    scale = train.grid_scale(3, 16)
+    scale = pictures.grid_scale(3, 16)
     side = 16 * scale + max(1, scale // 2)
     assert png_size(grid["samples"]) == (2 * 11 * side + side - 16 * scale,
                                          3 * side + side - 16 * scale)
@@ -645,7 +667,7 @@ def test_png_grid_holds_the_images(tmp_path, channels, scale):
     gaps of max(1, scale // 2) pixels; a short row leaves white behind it."""
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 256, (n, 4, 6, channels), dtype=np.uint8) for n in (3, 2)]
-    train.write_png(tmp_path / "g.png", rows, scale)
+    pictures.write_png(tmp_path / "g.png", rows, scale)
     grid = decode_png(tmp_path / "g.png")
     gap, h, w = max(1, scale // 2), 4 * scale, 6 * scale
     assert grid.shape == (2 * (h + gap) + gap, 3 * (w + gap) + gap, channels)
@@ -658,16 +680,57 @@ def test_png_grid_holds_the_images(tmp_path, channels, scale):
     assert (grid[h + 2 * gap:, 2 * (w + gap) + gap:] == 255).all()  # the missing 6th image
 
 
+def curve_points(path) -> dict:
+    """The (step, bits/dim) points of curve.svg's lines, read back from the SVG: its data group
+    holds them in data units."""
+    group = next(g for g in ElementTree.parse(path).getroot().iter(f"{SVG}g")
+                 if g.get("class") == "data")
+    lines = {line.get("class"): [(float(line.get("x1")), float(line.get("y1"))),
+                                 (float(line.get("x2")), float(line.get("y2")))]
+             for line in group.iter(f"{SVG}line")}
+    return lines | {p.get("class"): [tuple(float(v) for v in point.split(","))
+                                     for point in p.get("points").split()]
+                    for p in group.iter(f"{SVG}polyline")}
+
+
+def test_curve_plots_the_metrics_inside_its_axes(tmp_path):
+    """curve.svg holds the training losses, the held-out figures (validation when the run has
+    them) and the baseline at their exact values, drawn inside the plot area: the group's
+    transform maps (0, lowest) and (last step, highest) into the frame."""
+    records = [{"step": 0, "baseline_validation_bpd": 7.9, "baseline_test_bpd": 7.8},
+               {"step": 10, "train_bpd": 6.5, "time_s": 30.0},
+               {"step": 20, "train_bpd": 5.25, "time_s": 60.0},
+               {"step": 20, "validation_bpd": 5.5, "train_eval_bpd": 5.4, "time_s": 65.0},
+               {"step": 30, "train_bpd": 4.75, "time_s": 90.0},
+               {"step": 30, "validation_bpd": 4.875, "test_bpd": 4.9, "time_s": 95.0}]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    pictures.write_curve(tmp_path / "metrics.jsonl", tmp_path / "curve.svg", "a <run> & more")
+    assert curve_points(tmp_path / "curve.svg") == {
+        "train": [(10, 6.5), (20, 5.25), (30, 4.75)], "held": [(20, 5.5), (30, 4.875)],
+        "baseline": [(0, 7.9), (30, 7.9)]}
+    root = ElementTree.parse(tmp_path / "curve.svg").getroot()
+    width, height = float(root.get("width")), float(root.get("height"))
+    group = next(g for g in root.iter(f"{SVG}g") if g.get("class") == "data")
+    (tx, ty), (sx, sy) = (tuple(map(float, re.search(rf"{name}\(([^ ]+) ([^)]+)\)",
+                                                     group.get("transform")).groups()))
+                          for name in ("translate", "scale"))
+    for step, bpd in ((0, 4.75), (30, 7.9)):  # the corners of the data
+        assert 0 < tx + sx * step < width and 0 < ty + sy * bpd < height
+    texts = "".join(t.text or "" for t in root.iter(f"{SVG}text"))
+    assert "validation" in texts and "7.900" in texts and "(2 min)" in texts  # 95 s, rounded
+
+
 def test_grid_scale_reaches_the_grid_width():
     """Grids are upscaled by the smallest integer that makes them about GRID_WIDTH wide."""
-    assert train.grid_scale(8, 32) == 2 and train.grid_scale(8, 28) == 3
-    assert train.grid_scale(64, 64) == 1
+    assert pictures.grid_scale(8, 32) == 2 and pictures.grid_scale(8, 28) == 3
+    assert pictures.grid_scale(64, 64) == 1
 
 
 def test_optimizer_is_big_vision_chain():
     """One update equals -schedule(t) * (lr * adam(g) + wd * p), with clipping first; the
     schedule warms up linearly from 0 and decays by a cosine to 0."""
-    f = dict(train.RECIPE, steps=100, lr=0.01, weight_decay=0.1, clip=1.0)
+    f = dict(presets.RECIPE, steps=100, lr=0.01, weight_decay=0.1, clip=1.0)
     tx = train.make_optimizer(f)
     params = {"w": jnp.array([1.0, -2.0, 3.0])}
     grads = {"w": jnp.array([30.0, 40.0, 0.0])}  # norm 50 -> clipped to norm 1
@@ -697,18 +760,107 @@ def test_forward_flops_matches_xla_count():
     analysis = cost.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     per_image = analysis["flops"] / 8
-    assert train.forward_flops(cfg) == pytest.approx(per_image, rel=0.1)
+    assert timing.forward_flops(cfg) == pytest.approx(per_image, rel=0.1)
 
 
 def test_presets_build_valid_configs():
     """Every preset gives a valid Config for the image size of its dataset."""
-    for name, preset in train.PRESETS.items():
+    for name, preset in presets.PRESETS.items():
         cfg = jet.Config(image_shape=bench.SHAPES[name],
-                         **{k: v for k, v in preset.items() if k in train.MODEL_FLAGS})
+                         **{k: v for k, v in preset.items() if k in presets.MODEL_FLAGS})
         assert cfg.num_tokens % 2 == 0
-    big = train.PRESETS["imagenet64"]
+    big = presets.PRESETS["imagenet64"]
     assert (big["depth"], big["block_depth"], big["emb_dim"], big["num_heads"],
             big["patch_size"], big["batch_size"]) == (32, 2, 512, 8, 4, 1024)
+
+
+# ------------------------------------------------------------------------------------------
+# No newcomer traps: workdirs that cannot collide, model flags checked before any download,
+# errors as exceptions, imports without POSIX-only modules
+
+
+def test_default_workdirs_differ_by_dataset_and_preset():
+    """Without --workdir a run lives in runs/<dataset>-<preset>, so the README's tiny run and
+    the 30-minute run of the same dataset never meet; an npz dataset goes by its file name."""
+    def workdir(*argv):
+        return presets.default_workdir(presets.parse_args(list(argv)), "cpu")
+    assert workdir() == workdir("--dataset", "cifar10") == os.path.join("runs", "cifar10-cpu")
+    assert workdir("--dataset", "cifar10", "--preset", "tiny") == os.path.join(
+        "runs", "cifar10-tiny")
+    assert workdir("--dataset", "fashion_mnist") == os.path.join("runs",
+                                                                 "fashion_mnist-fashion_mnist_cpu")
+    assert workdir("--dataset", "npz:~/d/faces.npz") == os.path.join("runs", "npz-faces-tiny")
+    assert presets.default_workdir(presets.parse_args(["--dataset", "cifar10"]), "gpu") == \
+        os.path.join("runs", "cifar10-cifar10")
+
+
+def test_model_flags_are_checked_before_any_download(tmp_path):
+    """A model that cannot be built (a width that does not split into the heads) is refused
+    before the dataset is read: nothing is downloaded (the URL would fail) or written."""
+    argv = ["--dataset", "cifar10", "--emb_dim", 30, "--num_heads", 4, "--data_dir",
+            tmp_path / "data", "--data_url", "http://127.0.0.1:9/nothing-here.tar.gz",
+            "--workdir", tmp_path / "run"]
+    with pytest.raises(ValueError, match="num_heads"):
+        run_train(*argv)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+])
+def test_bad_flags_raise_instead_of_exiting(argv, message):
+    """train.main called from Python (a notebook, another script) raises ValueError on a bad
+    flag, where argparse would have exited the interpreter."""
+    with pytest.raises(ValueError, match=message):
+        train.main(argv)
+
+
+def test_the_command_line_prints_one_line_and_exits_1():
+    proc = subprocess.run([sys.executable, "train.py", "--steps", "many"], capture_output=True,
+                          text=True, cwd=HERE, env=subprocess_env())
+    assert proc.returncode == 1
+    assert proc.stderr == "train.py: error: argument --steps: invalid int value: 'many'\n"
+
+
+def test_every_module_imports_without_fcntl(tmp_path):
+    """With no fcntl (Windows), train, ablate and bench still import, and a training run's
+    workdir is used unlocked, with a warning that says so."""
+    code = ("import sys\nsys.modules['fcntl'] = None  # import fcntl now fails, as on Windows\n"
+            "import ablate, bench, cluster, train\n"
+            f"with cluster.workdir_lock({str(tmp_path / 'w')!r}, training=True):\n"
+            "    print('trained')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                         env=subprocess_env())
+    assert out.returncode == 0, out.stderr
+    assert "no fcntl" in out.stdout and "is not locked" in out.stdout and "trained" in out.stdout
+
+
+def test_only_train_py_run_as_a_program_restarts_itself(monkeypatch):
+    """The huge-page restart re-executes the process only when train.py is its program
+    (`python train.py`, `python -m train`): not when imported by another program, read from
+    stdin, or run by an interactive interpreter or a notebook's %run."""
+    path = os.path.join(HERE, "train.py")
+
+    def main_module(file=None, spec=None):
+        module = types.ModuleType("__main__")
+        module.__file__, module.__spec__ = file, spec
+        monkeypatch.setitem(sys.modules, "__main__", module)
+    monkeypatch.delitem(sys.modules, "IPython", raising=False)
+    main_module(path)
+    assert timing.is_the_program(path, "train")
+    main_module(os.path.join(HERE, "..", os.path.basename(HERE), "train.py"))  # another spelling
+    assert timing.is_the_program(path, "train")
+    main_module(path, types.SimpleNamespace(name="train"))  # python -m train
+    assert timing.is_the_program(path, "train")
+    for file, spec in ((os.path.join(HERE, "ablate.py"), None), ("<stdin>", None), (None, None),
+                       (path, types.SimpleNamespace(name="ablate"))):
+        main_module(file, spec)
+        assert not timing.is_the_program(path, "train")
+    main_module(path)
+    monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
+    assert not timing.is_the_program(path, "train")
 
 
 # ------------------------------------------------------------------------------------------
@@ -719,7 +871,7 @@ def test_presets_follow_the_machine():
     """Without --preset a dataset gets its CPU-sized preset on a CPU and its paper-scale one on
     a GPU or TPU; an explicit --preset always wins; a resumed run keeps its checkpoint's."""
     def preset(argv, platform, saved=None):
-        return train.resolve(train.parse_args(argv), saved, platform)[0]["preset"]
+        return presets.resolve(presets.parse_args(argv), saved, platform)[0]["preset"]
     for dataset, cpu, accelerator in (("cifar10", "cpu", "cifar10"),
                                       ("imagenet64", "cpu", "imagenet64"),
                                       ("fashion_mnist", "fashion_mnist_cpu", "fashion_mnist"),
@@ -730,12 +882,12 @@ def test_presets_follow_the_machine():
         assert preset(["--dataset", dataset], "tpu") == accelerator
     assert preset(["--dataset", "cifar10", "--preset", "cifar10"], "cpu") == "cifar10"
     assert preset(["--dataset", "cifar10", "--preset", "cpu"], "gpu") == "cpu"
-    saved, _ = train.resolve(train.parse_args(["--dataset", "cifar10"]), None, "cpu")
+    saved, _ = presets.resolve(presets.parse_args(["--dataset", "cifar10"]), None, "cpu")
     assert preset([], "gpu", saved) == "cpu"
     # the CPU preset is sized by time; an explicit length replaces the budget
     assert saved["time_budget"] == 30 and "steps" not in saved
-    explicit, _ = train.resolve(train.parse_args(["--dataset", "cifar10", "--steps", "7"]),
-                                None, "cpu")
+    explicit, _ = presets.resolve(presets.parse_args(["--dataset", "cifar10", "--steps", "7"]),
+                                  None, "cpu")
     assert explicit["steps"] == 7 and "time_budget" not in explicit
 
 
@@ -753,11 +905,11 @@ def test_invalid_numbers_are_refused_before_any_work(tmp_path, capsys, flag, val
     assert not (tmp_path / "w").exists()
 
 
-def test_bench_refuses_bad_numbers(capsys):
-    for argv in (["--batch_size", "0"], ["--steps", "-1"], ["--depth", "0"]):
-        with pytest.raises(SystemExit) as exit_info:
+def test_bench_refuses_bad_numbers():
+    for argv, flag in ((["--batch_size", "0"], "--batch_size"), (["--steps", "-1"], "--steps"),
+                       (["--depth", "0"], "depth")):
+        with pytest.raises(ValueError, match=flag):
             bench.main(argv)
-        assert exit_info.value.code != 0
 
 
 @pytest.mark.slow
@@ -774,40 +926,41 @@ def test_progress_lines_leave_metrics_alone(tmp_path, capsys, monkeypatch):
     chatty = capsys.readouterr().out
     assert "(last" not in quiet
     assert [line.split(" |")[0] for line in chatty.splitlines() if "(last" in line] == [
-        "step 1/6", "step 2/6", "step 5/6"]  # 3 and 6 log; at 4 no loss has been read yet
+        "step 2/6", "step 4/6", "step 5/6"]  # 1 says how long it took; 3 and 6 log
     assert "Compiling the training step" in chatty and "compilation included" in chatty
     assert "Preset 'tiny': chosen with --preset; the time it needs is printed" in chatty
     assert comparable(metrics(tmp_path / "chatty")) == comparable(metrics(tmp_path / "quiet"))
 
 
-def test_replan_sets_the_steps_that_end_on_the_budget(monkeypatch, capsys):
+def test_retiming_sets_the_steps_that_end_on_the_budget(monkeypatch, capsys):
     """Re-timing a --time_budget run: 100 steps in 20 s since the first (0.2 s a step) and 70 s
     to the planned end, 10 of them reserved for evaluations, leave 300 more steps; the
-    cadences the command did not set follow the new count. Time spent evaluating is not
-    counted as training, nor are recompilations after earlier re-timings, and the
-    evaluations' measured cost replaces the timed one; a count within RETIME_CHANGE of the
-    current one is left alone (no recompilation)."""
-    monkeypatch.setattr(train.time, "time", lambda: 1000.0)
+    cadences the command did not set follow the new count. Time that is not training
+    (evaluations) does not count, and the evaluations' measured cost replaces the timed one; a
+    count within RETIME_CHANGE of the current one is left alone; no re-timing moves the count
+    by more than RETIME_MAX at once."""
+    monkeypatch.setattr(timing.time, "time", lambda: 1000.0)
     f = {"steps": 500, "eval_every": 84, "ckpt_every": 16, "log_every": 5}
-    plan = {"end": 1070.0, "eval_s": 1.0, "final_s": 4.0, "step_s": 0.3, "evals": 6,
+    plan = {"end": 1070.0, "eval_s": 1.0, "final_s": 4.0, "step_s": 0.3, "evals_s": [],
             "own_cadences": ["eval_every", "ckpt_every"]}
-    log = {"started": (980.0, 1), "eval_s": 0.0, "evals": 0, "compile_s": 0.0}
-    assert train.replan(f, plan, log, 101)
+    clock = {"start": 980.0, "step": 1, "paused": 0.0}
+    assert timing.retime_run(f, plan, clock, 101)
     assert f == {"steps": 401, "eval_every": 67, "ckpt_every": 13, "log_every": 5}
-    assert "Re-timed at step 101: 200 ms/step (the timing phase measured 300)" in (
-        capsys.readouterr().out)
-    # A recompilation took 3 s of the 20: 17 s / 100 steps leave 352 more, within 2% of 350.
-    assert not train.replan(f | {"steps": 450}, plan, log | {"compile_s": 3.0}, 101)
+    assert "Re-timed at step 101: 200 ms/step (the timing phase measured 300): 401 steps " \
+           "instead of 500." in capsys.readouterr().out
+    # An evaluation took 3 s of the 20: 17 s / 100 steps leave 352 more, within 2% of 450.
+    assert not timing.retime_run(f | {"steps": 450}, plan, clock | {"paused": 3.0}, 101)
     assert capsys.readouterr().out == ""
     # One evaluation took 5 s as well: 12 s / 100 steps = 0.12 s a step; 5 more evaluations
-    # at 5 s and the test pass at 4 s * 5 = 45 s leave 25 s: 208 more steps.
-    assert train.replan(f, plan, log | {"compile_s": 3.0, "eval_s": 5.0, "evals": 1}, 101)
-    assert f["steps"] == 101 + 208
-    # Past the planned end, the run stops where it is, but never with fewer steps than
-    # evaluations (the cadence would otherwise evaluate at step 0).
-    late = plan | {"end": 990.0}
-    assert train.replan(f, late, log, 101) and f["steps"] == 101
-    assert train.replan(f, late, log | {"started": (980.0, 1)}, 2) and f["steps"] == 6
+    # at 5 s and the last one's extra 4 s leave 41 s: 341 more steps.
+    assert timing.retime(plan | {"evals_s": [5.0]}, clock | {"paused": 8.0}, 101, 500) == 442
+    # A quarter at most, whichever way: the learning-rate schedule never jumps.
+    assert timing.retime(plan, clock, 101, 200) == 250
+    assert timing.retime(plan, clock, 101, 1000) == 750
+    late = plan | {"end": 990.0}  # past the planned end
+    assert timing.retime(late, clock, 101, 500) == 375
+    assert timing.retime(late, clock, 101, 102) == 102  # never at or below the current step
+    assert timing.retime(late, clock | {"step": 0}, 2, 6) == timing.EVALS  # one step per eval
 
 
 @pytest.mark.slow
@@ -833,6 +986,25 @@ def test_time_budget_fixes_and_stores_the_step_count(tmp_path, capsys):
     assert "Timing this machine" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_a_conditional_time_budget_ends_on_time(tmp_path, capsys):
+    """A budgeted conditional run with a held-out set, whose last evaluation classifies the
+    test set under every label, trains for most of its budget and ends within it, and no
+    re-timing moves its step count by more than a quarter."""
+    budget = 0.75  # minutes
+    argv = [*SMALL, "--dataset", "synthetic", "--conditional", "--validation", 100,
+            "--time_budget", budget, "--log_every", 50, "--workdir", tmp_path]
+    start = time.time()
+    result = run_train(*argv)
+    seconds, out = time.time() - start, capsys.readouterr().out
+    assert 0.6 * 60 * budget < seconds < 60 * budget, out
+    assert 0 <= result["test_accuracy"] <= 1
+    for line in out.splitlines():
+        if line.startswith("Re-timed at step"):
+            new, old = map(int, line.split(": ")[-1].removesuffix(".").split(" steps instead of "))
+            assert abs(new - old) <= timing.RETIME_MAX * old + 1, line
+
+
 # ------------------------------------------------------------------------------------------
 # Huge pages: the restart with glibc's tunable
 
@@ -850,7 +1022,7 @@ MADVISE = "always [madvise] never\n"
     ({}, MADVISE, ("", ""), None),  # musl: glibc's tunables mean nothing
 ])
 def test_huge_pages_env_only_where_it_changes_something(environ, thp_mode, libc, tunables):
-    env = train.huge_pages_env({"PATH": "/bin", **environ}, thp_mode, libc)
+    env = timing.huge_pages_env({"PATH": "/bin", **environ}, thp_mode, libc)
     assert env == (
         None if tunables is None else {"PATH": "/bin", "GLIBC_TUNABLES": tunables})
 
@@ -860,11 +1032,11 @@ def test_the_command_restarts_once_with_huge_pages(tmp_path, compile_cache):
     """`python train.py` restarts itself once with the tunable where it helps (one line says
     so, the run then proceeds); --no-huge_pages and the tunable already set do not restart."""
     try:
-        with open(train.THP_MODE_FILE) as f:
+        with open(timing.THP_MODE_FILE) as f:
             thp_mode = f.read()
     except OSError:
         thp_mode = ""
-    if train.huge_pages_env({}, thp_mode, train.platform.libc_ver()) is None:
+    if timing.huge_pages_env({}, thp_mode, timing.platform.libc_ver()) is None:
         pytest.skip("this machine's kernel or libc gives no huge pages through glibc's tunable")
     argv = [*SMALL, "--dataset", "synthetic", "--steps", 1, "--eval_every", 1]
     env = {k: v for k, v in subprocess_env().items() if k != "GLIBC_TUNABLES"}

@@ -1,0 +1,295 @@
+"""How long a run takes: FLOPs per image and the estimate they give on an accelerator; the
+--time_budget planner, which times this machine, sets the step count and re-times it while the
+run goes; the clock that separates training time from evaluations and recompilations; and the
+restart with huge pages that makes CPU steps faster.
+"""
+
+import math
+import os
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+import cluster
+import data
+import jet
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "unknown"
+    days, rest = divmod(int(seconds), 86400)
+    return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
+
+
+# ------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def forward_flops(cfg: jet.Config) -> int:
+    """Multiply-adds x 2 of one image's forward pass (matmuls only; ~99% of the work)."""
+    N, D, E = cfg.num_tokens, cfg.token_dim, cfg.emb_dim
+    M = cfg.mlp_dim or 4 * E
+    block = 4 * N * E * E + 2 * N * N * E + 2 * N * E * M  # q, k, v, out; scores, mix; MLP
+    # A class context (one token of context_dim): queries and output, keys and values, mix.
+    context = 2 * N * E * E + 2 * (cfg.context_dim or 0) * E + 2 * N * E if cfg.context_dim else 0
+    return 2 * cfg.depth * (N * (D // 2) * E + context + cfg.block_depth * block + N * E * D)
+
+
+# Dense bfloat16 matmul peaks in TFLOP/s (vendors' data sheets), by device_kind substring.
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125,
+               "V100": 125, "T4": 65, "TPU v4": 275, "TPU v5 lite": 197, "TPU v5p": 459,
+               "TPU v6 lite": 918}
+UTILISATION = 0.5  # of that peak, for the estimate: what a well-fed transformer step reaches
+
+
+def estimate_line(f: dict, cfg: jet.Config) -> str | None:
+    """The run's time at UTILISATION of the devices' bf16 peak, from its FLOPs: a training
+    image costs 3x the forward pass, 4x with remat (the forward runs twice)."""
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+    if jax.default_backend() == "cpu" or peak is None:
+        return None
+    flop = (4 if f["remat"] else 3) * forward_flops(cfg) * f["steps"] * f["batch_size"]
+    seconds = flop / (UTILISATION * peak * 1e12 * jax.device_count())
+    fp32 = " (float32 matmuls: several times longer)" if f.get("dtype") == "float32" else ""
+    return (f"Estimate: {flop / 1e18:.2f} EFLOP at {UTILISATION:.0%} of {jax.device_count()} x "
+            f"{kind}'s {peak} TFLOP/s bf16 peak: {format_seconds(seconds)}{fp32}.")
+
+
+def describe(f: dict, cfg: jet.Config, params, sets: dict, baseline: dict) -> str:
+    """A run's sizes on one line: parameters, FLOPs per image, devices, images and steps; the
+    trivial baseline's bits/dim (data.histogram_baselines) on the next; on an accelerator a
+    third with the run's estimated time."""
+    flops, count = forward_flops(cfg), sum(x.size for x in jax.tree.leaves(params))
+    lines = [f"{count:,} parameters | {flops / 1e9:.3f} GFLOP/image forward, ~"
+             f"{3 * flops / 1e9:.3f} to train | {jax.device_count()} "
+             f"{jax.devices()[0].platform} device(s) | {len(sets['train'])} train / "
+             f"{len(sets.get('validation', ()))} validation / {len(sets['test'])} test images | "
+             f"{f['steps']} steps of {f['batch_size']}",
+             "A per-pixel histogram of the training images (no model) scores " + " and ".join(
+                 f"{v:.3f} bits/dim on the {k} set" for k, v in baseline.items())]
+    return "\n".join(lines + [line for line in [estimate_line(f, cfg)] if line])
+
+
+# ------------------------------------------------------------------------------------------
+# The clock: training time, without the evaluations and recompilations between steps
+
+
+def start_clock(step: int) -> dict:
+    """Started after the first step (which compiles): time and step of the start, the seconds
+    since spent on other things (`pause`), and a mark (time, step, paused) that log lines
+    measure their rate from."""
+    now = time.time()
+    return {"start": now, "step": step, "paused": 0.0, "mark": (now, step, 0.0)}
+
+
+def pause(clock: dict, since: float) -> None:
+    """Counts the time since `since` (an evaluation, a recompilation) as not training."""
+    clock["paused"] += time.time() - since
+
+
+def mark(clock: dict, step: int) -> None:
+    clock["mark"] = (time.time(), step, clock["paused"])
+
+
+def seconds_per_step(clock: dict, step: int) -> float:
+    """Training seconds per step since the clock started."""
+    return (time.time() - clock["start"] - clock["paused"]) / max(step - clock["step"], 1)
+
+
+def steps_per_s(clock: dict, step: int) -> float:
+    """Training steps per second since the mark."""
+    t, s, paused = clock["mark"]
+    return (step - s) / max(time.time() - t - (clock["paused"] - paused), 1e-9)
+
+
+# ------------------------------------------------------------------------------------------
+# --time_budget: the step count that fills the budget on this machine
+
+# The share of the budget that is planned; the re-timing: every `every` steps (the first
+# checkpoint interval of the plan) through the first RETIME_UNTIL of the run, the count is
+# corrected when it is more than RETIME_CHANGE off, by at most RETIME_MAX at once (the
+# learning-rate schedule, which depends on it, then moves smoothly).
+BUDGET_USED, RETIME_UNTIL, RETIME_CHANGE, RETIME_MAX = 0.95, 1 / 3, 0.02, 0.25
+EVALS = 6  # evaluations in a budgeted run; 30 checkpoints, 100 log lines
+
+
+def time_machine(step, evaluate, grid, eval_images: int, seconds: float) -> dict:
+    """Times this machine for a budget: step(i) runs training step i and waits for it (for
+    about `seconds`, at least 3 steps); evaluate(n) evaluates the first n images of every
+    periodic set; grid() draws a sample grid. Each is called once to compile, then timed warm.
+    Returns seconds of compilation, a step, an evaluated image and a grid."""
+    t0 = time.time()
+    step(0)
+    compile_s = time.time() - t0
+    step(1)  # its output's layout may differ from the fresh state's: a second compilation
+    t0, n = time.time(), 1
+    while n < 4 or time.time() - t0 < seconds:
+        n += 1
+        step(n)
+    step_s = (time.time() - t0) / (n - 1)
+    evaluate(eval_images)  # compiles
+    t0 = time.time()
+    evaluate(eval_images)
+    image_s = (time.time() - t0) / eval_images
+    grid()  # compiles
+    t0 = time.time()
+    grid()
+    return {"compile_s": compile_s, "step_s": step_s, "image_s": image_s,
+            "grid_s": time.time() - t0}
+
+
+def plan_budget(run: dict, state: dict, model: dict, keys: dict, grid) -> dict:
+    """The plan of a budgeted run (plan), from its training step on `state` (a copy of the
+    initial state) with keys["noise"], its evaluators on `model` (params, perms and key) with
+    keys["eval"], and grid() (a sample grid); sets f's step count and the cadences the command
+    left open."""
+    f, cfg, evaluators, put = run["f"], run["cfg"], run["evaluators"], run["put_batch"]
+    print(f"Timing this machine for --time_budget {f['time_budget']:g} min...", flush=True)
+    images, bs, held = run["sets"]["train"], f["batch_size"], run["held"]
+    labels = put(np.zeros(bs, np.int64)) if cfg.context_dim else None
+
+    def step(i):
+        nonlocal state
+        batch = images[data.batch_indices(len(images), bs, 0, i)]
+        state, out = run["train_step"](state, put(batch), labels, i, keys["noise"], (10 ** 6, 0))
+        jax.block_until_ready(out)
+
+    def evaluate(n):
+        for name in (held, "train"):
+            evaluators[name](model, keys["eval"], limit=n)
+    if cfg.context_dim:  # compiles the last evaluation's classification
+        evaluators["test"](model, keys["eval"], classify=True, limit=f["eval_batch_size"])
+    measured = time_machine(step, evaluate, grid, 2 * f["eval_batch_size"],
+                            min(5.0, 0.01 * 60 * f["time_budget"]))
+    passes = (cfg.context_dim + 2 if cfg.context_dim else 1) - (held == "test")
+    result = plan(f, measured, run["started"], {
+        "periodic": evaluators[held].size + evaluators["train"].size,
+        "final": passes * evaluators["test"].size})
+    result["own_cadences"] = [k for k in ("log_every", "eval_every", "ckpt_every")
+                              if getattr(run["args"], k) is None]
+    steps = cluster.from_process_0({"steps": result.pop("steps")})["steps"]
+    set_steps(f, result["own_cadences"], steps)
+    result["every"] = f["ckpt_every"]  # the re-timing cadence: fixed, whatever the count becomes
+    return result
+
+
+def plan(f: dict, measured: dict, start_time: float, images: dict) -> dict:
+    """The plan of a budgeted run: training + EVALS evaluations (images["periodic"] images and a
+    grid each) + the last one's extra images (images["final"]) + the margin = the budget."""
+    eval_s = measured["image_s"] * images["periodic"] + measured["grid_s"]
+    final_s = measured["image_s"] * images["final"]
+    end = start_time + BUDGET_USED * 60 * f["time_budget"]
+    left = end - time.time() - EVALS * eval_s - final_s  # the step is compiled by now
+    steps = max(EVALS, int(left / measured["step_s"]))
+    print(f"{measured['step_s'] * 1e3:.0f} ms/step, {eval_s:.0f} s per evaluation (the last "
+          f"one {eval_s + final_s:.0f} s), compilation {measured['compile_s']:.0f} s: {steps} "
+          f"steps fit in {f['time_budget']:g} min.", flush=True)
+    return {"steps": steps, "end": end, "step_s": measured["step_s"], "eval_s": eval_s,
+            "final_s": final_s, "evals_s": []}
+
+
+def set_steps(f: dict, own_cadences, steps: int) -> None:
+    """A budgeted run's step count, and the cadences that follow from it (EVALS evaluations,
+    30 checkpoints, 100 log lines) where the command did not set them."""
+    cadences = {"eval_every": -(-steps // EVALS), "ckpt_every": max(1, steps // 30),
+                "log_every": max(1, steps // 100)}
+    f.update({"steps": steps} | {k: cadences[k] for k in own_cadences})
+
+
+def retime(plan: dict, clock: dict, step: int, steps: int) -> int:
+    """The step count that ends the run on its budget, from the rate of training since the
+    first step and the measured cost of its evaluations (plan["evals_s"]; the timed one before
+    any): at least one step more than `step`, at least one step per evaluation, and within
+    RETIME_MAX of `steps`, the current count. The timing phase sees a fresh process, which can
+    be a fifth off the speed of training under way."""
+    eval_s = sum(plan["evals_s"]) / len(plan["evals_s"]) if plan["evals_s"] else plan["eval_s"]
+    reserve = (EVALS - len(plan["evals_s"])) * eval_s + plan["final_s"]  # evaluations to come
+    fit = step + int((plan["end"] - time.time() - reserve) / seconds_per_step(clock, step))
+    bounded = min(max(fit, round((1 - RETIME_MAX) * steps)), round((1 + RETIME_MAX) * steps))
+    return max(bounded, step + 1, EVALS)
+
+
+def retime_run(f: dict, plan: dict, clock: dict, step: int) -> bool:
+    """Re-times a budgeted run (retime; process 0's count in a multi-process run) and applies
+    the new count, and the cadences that follow from it, when it is more than RETIME_CHANGE
+    off; True then. The training step takes the schedule's lengths as arguments: nothing
+    recompiles."""
+    steps = cluster.from_process_0({"steps": retime(plan, clock, step, f["steps"])})["steps"]
+    if abs(steps - f["steps"]) <= RETIME_CHANGE * f["steps"]:
+        return False
+    print(f"Re-timed at step {step}: {seconds_per_step(clock, step) * 1e3:.0f} ms/step (the "
+          f"timing phase measured {plan['step_s'] * 1e3:.0f}): {steps} steps instead of "
+          f"{f['steps']}.", flush=True)
+    set_steps(f, plan["own_cadences"], steps)
+    return True
+
+
+def warn_if_slow(f: dict, clock: dict, step: int, cpu_preset: str) -> None:
+    """A warning after the first steps when the run would take more than a day here."""
+    eta = (f["steps"] - step) * seconds_per_step(clock, step)
+    if eta > 24 * 3600:
+        print(f"WARNING: this run needs {format_seconds(eta)} more on {jax.device_count()} "
+              f"{jax.devices()[0].platform} device(s). On this machine use --preset "
+              f"{cpu_preset} (or --time_budget MINUTES).", flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Huge pages: glibc's malloc asks for them only if told so when the process starts
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_pages_env(environ, thp_mode: str, libc: tuple[str, str]) -> dict | None:
+    """The environment that gives glibc's malloc transparent huge pages, or None where it would
+    change nothing. XLA:CPU's buffers are returned and faulted in again every step; in huge
+    pages each fault brings 2 MB instead of 4 KB: the cpu preset trains ~17% faster
+    (docs/speed.md). Nothing to do when the kernel's THP mode (THP_MODE_FILE) is not
+    `madvise` (`always` gives them already, `never` never), glibc is older than 2.35 (no
+    such tunable) or GLIBC_TUNABLES already names the tunable (the user chose, or this is
+    the restarted process)."""
+    name, version = libc
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if ("[madvise]" not in thp_mode or name != "glibc" or "glibc.malloc.hugetlb" in tunables
+            or tuple(int(v) for v in version.split(".")[:2]) < (2, 35)):
+        return None
+    return dict(environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, HUGE_PAGES_TUNABLE))))
+
+
+def is_the_program(path: str, module: str) -> bool:
+    """Whether the file `path` (module `module`) is the program this process runs, started as
+    `python path ...` or `python -m module ...`: not imported by another program, not run by
+    an interactive interpreter or a notebook (IPython's %run), not read from stdin."""
+    if sys.flags.interactive or hasattr(sys, "ps1") or "IPython" in sys.modules:
+        return False
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None:
+        return spec.name == module
+    main_file = getattr(main, "__file__", None)
+    return bool(main_file) and os.path.realpath(main_file) == os.path.realpath(path)
+
+
+def restart_with_huge_pages(path: str, module: str) -> None:
+    """The program `path` (is_the_program) restarts itself once on a CPU backend, same
+    arguments, same process id, in huge_pages_env's environment, and says so. The tunable is
+    read only when glibc starts, so a running process cannot set it for itself."""
+    try:
+        with open(THP_MODE_FILE) as f:
+            thp_mode = f.read()
+    except OSError:  # not Linux, or no THP
+        return
+    env = huge_pages_env(os.environ, thp_mode, platform.libc_ver())
+    if env is None or not is_the_program(path, module) or jax.default_backend() != "cpu":
+        return
+    print(f"Restarting with GLIBC_TUNABLES={env['GLIBC_TUNABLES']}: transparent huge pages "
+          "for malloc, ~17% faster on a CPU (docs/speed.md); --no-huge_pages runs without.",
+          flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
