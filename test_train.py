@@ -934,26 +934,27 @@ def test_progress_lines_leave_metrics_alone(tmp_path, capsys, monkeypatch):
 
 def test_retiming_sets_the_steps_that_end_on_the_budget(monkeypatch, capsys):
     """Re-timing a --time_budget run: 100 steps in 20 s since the first (0.2 s a step) and 70 s
-    to the planned end, 10 of them reserved for evaluations, leave 300 more steps; the
-    cadences the command did not set follow the new count. Time that is not training
-    (evaluations) does not count, and the evaluations' measured cost replaces the timed one; a
-    count within RETIME_CHANGE of the current one is left alone; no re-timing moves the count
-    by more than RETIME_MAX at once."""
+    to the planned end, 10 of them reserved for evaluations, leave time for 300 more steps, or
+    290 after the 2 s recompilation that a new count (a new schedule) costs; the cadences the
+    command did not set follow the new count. Time spent evaluating does not count as
+    training, and the evaluations' measured cost replaces the timed one. A count that is off by
+    less than its recompilation would cost is kept; no re-timing moves the count by more than
+    RETIME_MAX at once."""
     monkeypatch.setattr(timing.time, "time", lambda: 1000.0)
     f = {"steps": 500, "eval_every": 84, "ckpt_every": 16, "log_every": 5}
     plan = {"end": 1070.0, "eval_s": 1.0, "final_s": 4.0, "step_s": 0.3, "evals_s": [],
-            "own_cadences": ["eval_every", "ckpt_every"]}
+            "compile_s": 2.0, "own_cadences": ["eval_every", "ckpt_every"]}
     clock = {"start": 980.0, "step": 1, "paused": 0.0}
     assert timing.retime_run(f, plan, clock, 101)
-    assert f == {"steps": 401, "eval_every": 67, "ckpt_every": 13, "log_every": 5}
-    assert "Re-timed at step 101: 200 ms/step (the timing phase measured 300): 401 steps " \
+    assert f == {"steps": 391, "eval_every": 66, "ckpt_every": 13, "log_every": 5}
+    assert "Re-timed at step 101: 200 ms/step (the timing phase measured 300): 391 steps " \
            "instead of 500." in capsys.readouterr().out
-    # An evaluation took 3 s of the 20: 17 s / 100 steps leave 352 more, within 2% of 450.
+    # An evaluation took 3 s of the 20: at 0.17 s a step 454 fit, 4 more than 450 (0.7 s).
     assert not timing.retime_run(f | {"steps": 450}, plan, clock | {"paused": 3.0}, 101)
     assert capsys.readouterr().out == ""
     # One evaluation took 5 s as well: 12 s / 100 steps = 0.12 s a step; 5 more evaluations
-    # at 5 s and the last one's extra 4 s leave 41 s: 341 more steps.
-    assert timing.retime(plan | {"evals_s": [5.0]}, clock | {"paused": 8.0}, 101, 500) == 442
+    # at 5 s and the last one's extra 4 s leave 41 s, 39 s after the recompilation: 325 steps.
+    assert timing.retime(plan | {"evals_s": [5.0]}, clock | {"paused": 8.0}, 101, 500) == 426
     # A quarter at most, whichever way: the learning-rate schedule never jumps.
     assert timing.retime(plan, clock, 101, 200) == 250
     assert timing.retime(plan, clock, 101, 1000) == 750

@@ -119,19 +119,21 @@ EVALS = 6  # evaluations in a budgeted run; 30 checkpoints, 100 log lines
 
 
 def time_machine(step, evaluate, grid, eval_images: int, seconds: float) -> dict:
-    """Times this machine for a budget: step(i) runs training step i and waits for it (for
-    about `seconds`, at least 3 steps); evaluate(n) evaluates the first n images of every
-    periodic set; grid() draws a sample grid. Each is called once to compile, then timed warm.
-    Returns seconds of compilation, a step, an evaluated image and a grid."""
+    """Times this machine for a budget: step(i) dispatches training step i and returns its
+    output; evaluate(n) evaluates the first n images of every periodic set; grid() draws a
+    sample grid. Each is called once to compile, then timed warm: the steps for about `seconds`,
+    dispatched back to back as the training loop does. Returns seconds of compilation, a step,
+    an evaluated image and a grid."""
     t0 = time.time()
-    step(0)
+    jax.block_until_ready(step(0))
     compile_s = time.time() - t0
-    step(1)  # its output's layout may differ from the fresh state's: a second compilation
-    t0, n = time.time(), 1
-    while n < 4 or time.time() - t0 < seconds:
-        n += 1
-        step(n)
-    step_s = (time.time() - t0) / (n - 1)
+    jax.block_until_ready(step(1))  # its output's layout may differ from the fresh state's
+    t0 = time.time()
+    jax.block_until_ready(step(2))
+    n = max(3, int(seconds / (time.time() - t0)))
+    t0 = time.time()
+    jax.block_until_ready([step(i) for i in range(3, 3 + n)][-1])
+    step_s = (time.time() - t0) / n
     evaluate(eval_images)  # compiles
     t0 = time.time()
     evaluate(eval_images)
@@ -143,21 +145,22 @@ def time_machine(step, evaluate, grid, eval_images: int, seconds: float) -> dict
             "grid_s": time.time() - t0}
 
 
-def plan_budget(run: dict, state: dict, model: dict, keys: dict, grid) -> dict:
-    """The plan of a budgeted run (plan), from its training step on `state` (a copy of the
-    initial state) with keys["noise"], its evaluators on `model` (params, perms and key) with
-    keys["eval"], and grid() (a sample grid); sets f's step count and the cadences the command
-    left open."""
+def plan_budget(run: dict, step_fn, state: dict, model: dict, grid) -> dict:
+    """The plan of a budgeted run (plan), from the training step step_fn on `state` (a copy of
+    the initial state), the run's evaluators on `model` (params, perms and the run's key) and
+    grid() (a sample grid); sets f's step count and the cadences the command left open."""
     f, cfg, evaluators, put = run["f"], run["cfg"], run["evaluators"], run["put_batch"]
     print(f"Timing this machine for --time_budget {f['time_budget']:g} min...", flush=True)
     images, bs, held = run["sets"]["train"], f["batch_size"], run["held"]
     labels = put(np.zeros(bs, np.int64)) if cfg.context_dim else None
+    # Keys laid out as the run's (from its replicated key): the evaluations compile once.
+    keys = dict(zip(("noise", "eval"), jax.random.split(jax.random.wrap_key_data(model["rng"]))))
 
     def step(i):
         nonlocal state
         batch = images[data.batch_indices(len(images), bs, 0, i)]
-        state, out = run["train_step"](state, put(batch), labels, i, keys["noise"], (10 ** 6, 0))
-        jax.block_until_ready(out)
+        state, out = step_fn(state, put(batch), i, keys["noise"], labels)
+        return out
 
     def evaluate(n):
         for name in (held, "train"):
@@ -184,13 +187,13 @@ def plan(f: dict, measured: dict, start_time: float, images: dict) -> dict:
     eval_s = measured["image_s"] * images["periodic"] + measured["grid_s"]
     final_s = measured["image_s"] * images["final"]
     end = start_time + BUDGET_USED * 60 * f["time_budget"]
-    left = end - time.time() - EVALS * eval_s - final_s  # the step is compiled by now
+    left = end - time.time() - measured["compile_s"] - EVALS * eval_s - final_s
     steps = max(EVALS, int(left / measured["step_s"]))
     print(f"{measured['step_s'] * 1e3:.0f} ms/step, {eval_s:.0f} s per evaluation (the last "
           f"one {eval_s + final_s:.0f} s), compilation {measured['compile_s']:.0f} s: {steps} "
           f"steps fit in {f['time_budget']:g} min.", flush=True)
     return {"steps": steps, "end": end, "step_s": measured["step_s"], "eval_s": eval_s,
-            "final_s": final_s, "evals_s": []}
+            "final_s": final_s, "compile_s": measured["compile_s"], "evals_s": []}
 
 
 def set_steps(f: dict, own_cadences, steps: int) -> None:
@@ -204,12 +207,17 @@ def set_steps(f: dict, own_cadences, steps: int) -> None:
 def retime(plan: dict, clock: dict, step: int, steps: int) -> int:
     """The step count that ends the run on its budget, from the rate of training since the
     first step and the measured cost of its evaluations (plan["evals_s"]; the timed one before
-    any): at least one step more than `step`, at least one step per evaluation, and within
-    RETIME_MAX of `steps`, the current count. The timing phase sees a fresh process, which can
-    be a fifth off the speed of training under way."""
+    any). A new count changes the schedule, so the step recompiles: `steps`, the current
+    count, is kept unless it is off by more than that recompilation costs; a new one pays for
+    it, moves by at most RETIME_MAX, and is at least one step more than `step` and one step
+    per evaluation. The timing phase sees a fresh process, which can be a fifth off the speed
+    of training under way."""
     eval_s = sum(plan["evals_s"]) / len(plan["evals_s"]) if plan["evals_s"] else plan["eval_s"]
     reserve = (EVALS - len(plan["evals_s"])) * eval_s + plan["final_s"]  # evaluations to come
-    fit = step + int((plan["end"] - time.time() - reserve) / seconds_per_step(clock, step))
+    rate, left = seconds_per_step(clock, step), plan["end"] - time.time() - reserve
+    if abs(step + left / rate - steps) * rate <= plan["compile_s"]:
+        return steps
+    fit = step + int((left - plan["compile_s"]) / rate)
     bounded = min(max(fit, round((1 - RETIME_MAX) * steps)), round((1 + RETIME_MAX) * steps))
     return max(bounded, step + 1, EVALS)
 
@@ -217,8 +225,7 @@ def retime(plan: dict, clock: dict, step: int, steps: int) -> int:
 def retime_run(f: dict, plan: dict, clock: dict, step: int) -> bool:
     """Re-times a budgeted run (retime; process 0's count in a multi-process run) and applies
     the new count, and the cadences that follow from it, when it is more than RETIME_CHANGE
-    off; True then. The training step takes the schedule's lengths as arguments: nothing
-    recompiles."""
+    off; True then: the training step's schedule changes, so it must be rebuilt (pausing)."""
     steps = cluster.from_process_0({"steps": retime(plan, clock, step, f["steps"])})["steps"]
     if abs(steps - f["steps"]) <= RETIME_CHANGE * f["steps"]:
         return False
@@ -227,6 +234,21 @@ def retime_run(f: dict, plan: dict, clock: dict, step: int) -> bool:
           f"{f['steps']}.", flush=True)
     set_steps(f, plan["own_cadences"], steps)
     return True
+
+
+def pausing(step_fn, clock: dict):
+    """step_fn, whose first call (a new step's compilation) is not counted as training time."""
+    compiled = False
+
+    def call(*args):
+        nonlocal compiled
+        since = time.time()
+        out = step_fn(*args)
+        if not compiled:
+            pause(clock, since)
+            compiled = True
+        return out
+    return call
 
 
 def warn_if_slow(f: dict, clock: dict, step: int, cpu_preset: str) -> None:

@@ -42,29 +42,25 @@ LABEL_DROPOUT_STREAM = 1  # label dropout's key: fold_in(the step's noise key, t
 
 
 def schedule(step, total_steps, warmup_steps):
-    """Multiplier in [0, 1]: linear warmup from 0, then cosine decay to 0 (big_vision). The
-    lengths may be traced values: a re-timed run changes them without recompiling."""
-    progress = jnp.clip((step - warmup_steps) / jnp.maximum(total_steps - warmup_steps, 1),
-                        0.0, 1.0)
-    warm = jnp.where(warmup_steps > 0, jnp.minimum(1.0, step / jnp.maximum(warmup_steps, 1)), 1.0)
+    """Multiplier in [0, 1]: linear warmup from 0, then cosine decay to 0 (big_vision)."""
+    progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+    warm = jnp.minimum(1.0, step / warmup_steps) if warmup_steps else 1.0
     return 0.5 * (1 + jnp.cos(jnp.pi * progress)) * warm
 
 
-def lengths(f: dict) -> tuple[int, int]:
-    """The schedule's lengths in steps: total and warmup."""
-    return f["steps"], round(f["warmup"] * f["steps"])
+def run_schedule(f: dict):
+    """This run's schedule: step -> multiplier of the peak learning rate f["lr"]."""
+    return functools.partial(schedule, total_steps=f["steps"],
+                             warmup_steps=round(f["warmup"] * f["steps"]))
 
 
-def make_optimizer(f: dict, steps: tuple = None) -> optax.GradientTransformation:
-    """big_vision's chain with f's settings; `steps`: the schedule's lengths (default f's)."""
-    total, warmup = steps or lengths(f)
+def make_optimizer(f: dict) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(f["clip"]),
         optax.scale_by_adam(b1=f["b1"], b2=f["b2"]),
         optax.scale(f["lr"]),
         optax.add_decayed_weights(f["weight_decay"]),  # not multiplied by lr, as big_vision
-        optax.scale_by_schedule(functools.partial(schedule, total_steps=total,
-                                                  warmup_steps=warmup)),
+        optax.scale_by_schedule(run_schedule(f)),
         optax.scale(-1.0))
 
 
@@ -91,20 +87,20 @@ def class_context(labels: jax.Array, num_classes: int, drop=None) -> jax.Array:
 
 
 def make_train_step(cfg: jet.Config, f: dict, forward=jet.forward):
-    """One jitted update with the optimizer of f, the schedule's lengths (lengths(f)) an
-    argument: dequantize with noise key fold_in(key, step), loss = mean bits/dim. A conditional
-    model (cfg.context_dim) reads each example's label, dropped to the zero context with
-    probability --label_dropout, independently per example."""
-    remat, dtype = bool(f["remat"]), presets.compute_dtype(f)
+    """One jitted update with f's optimizer (its schedule fixed at f["steps"]): dequantize with
+    noise key fold_in(key, step), loss = mean bits/dim. A conditional model (cfg.context_dim)
+    reads each example's label, dropped to the zero context with probability --label_dropout,
+    independently per example."""
+    tx, remat, dtype = make_optimizer(f), bool(f["remat"]), presets.compute_dtype(f)
+    label_dropout = f.get("label_dropout", 0.0)
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def train_step(state, images, labels, step, noise_key, steps):
-        tx = make_optimizer(f, steps)
+    def train_step(state, images, step, noise_key, labels=None):
         key = jax.random.fold_in(noise_key, step)
         context = {}
         if cfg.context_dim:
             drop = jax.random.bernoulli(jax.random.fold_in(key, LABEL_DROPOUT_STREAM),
-                                        f["label_dropout"], labels.shape)
+                                        label_dropout, labels.shape)
             context = {"context": class_context(labels, cfg.context_dim, drop)}
 
         def loss_fn(params):
@@ -264,6 +260,7 @@ def train(run: dict, state: dict, step: int, plan: dict | None) -> dict:
     f, cfg, put = run["f"], run["cfg"], run["put_batch"]
     images, labels = run["sets"]["train"], run["sets"].get("train_labels")
     noise_key, meta = run_keys(jax.random.wrap_key_data(state["rng"]))["noise"], run["meta"] or {}
+    train_step = make_train_step(cfg, f, run["model"]["forward"])
     # What a checkpoint keeps of the loop: the losses since the last log line (a resumed run
     # logs the same means) and the best held-out bits/dim so far.
     carried = {"window": [tuple(p) for p in meta.get("log_window", [])],
@@ -271,14 +268,13 @@ def train(run: dict, state: dict, step: int, plan: dict | None) -> dict:
     pending, clock, last_line, result = [], None, time.time(), {"step": step}
     if step >= f["steps"]:
         print(f"{run['workdir']} has finished its {f['steps']} steps; see --eval_only.")
-    elif not plan:  # a budget's timing phase has compiled it
+    else:
         print("Compiling the training step...", flush=True)
     with cluster.stop_signals() as stop:
         while step < f["steps"]:
             index = data.batch_indices(len(images), f["batch_size"], f["seed"], step)
-            state, metrics = run["train_step"](
-                state, put(images[index]), put(labels[index]) if cfg.context_dim else None, step,
-                noise_key, lengths(f))
+            state, metrics = train_step(state, put(images[index]), step, noise_key,
+                                        put(labels[index]) if cfg.context_dim else None)
             step += 1
             pending.append((step, metrics))  # read when needed: no stall on every step
             due = [n for n in ("log_every", "eval_every", "ckpt_every")
@@ -299,7 +295,9 @@ def train(run: dict, state: dict, step: int, plan: dict | None) -> dict:
             if "ckpt_every" in due:
                 save(run, state, step, carried)
             if plan and step % plan["every"] == 0 and step < timing.RETIME_UNTIL * f["steps"]:
-                timing.retime_run(f, plan, clock, step)
+                if timing.retime_run(f, plan, clock, step):  # a new schedule: a new step
+                    train_step = timing.pausing(make_train_step(cfg, f, run["model"]["forward"]),
+                                                clock)
             if (signum := cluster.agreed_stop(stop, put)) and step < f["steps"]:
                 carried["window"] += read_losses(pending, run["workdir"])
                 if "ckpt_every" not in due:
@@ -318,7 +316,7 @@ def log_line(run: dict, step: int, carried: dict, clock: dict, full: bool) -> fl
         print(f"step {step}/{f['steps']} | train {np.mean(losses):.4f} bpd (last {len(losses)} "
               f"steps) | {rate * f['batch_size']:.1f} img/s | ETA {eta}", flush=True)
         return time.time()
-    lr = f["lr"] * float(schedule(step - 1, *lengths(f)))
+    lr = f["lr"] * float(run_schedule(f)(step - 1))
     epoch = step / data.steps_per_epoch(len(run["sets"]["train"]), f["batch_size"])
     record = {"step": step, "epoch": epoch, "train_bpd": float(np.mean(losses)), "lr": lr,
               "grad_norm": float(np.mean(norms)), "img_per_s": rate * f["batch_size"],
@@ -417,7 +415,6 @@ def command(args, model: dict) -> dict:
     run["held"] = "validation" if "validation" in run["sets"] else "test"  # what picks the best
     if args.eval_only:
         return from_checkpoint(run, ckpt, args)
-    run["train_step"] = make_train_step(cfg, f, model["forward"])
     run["args"], run["baseline"] = args, data.histogram_baselines(
         run["sets"], f["dataset"], f.get("data_dir"), f.get("validation"))
     state, plan = initial_state(run, ckpt)
@@ -457,15 +454,16 @@ def initial_state(run: dict, ckpt: dict) -> tuple[dict, dict | None]:
 
 
 def plan_budget(run: dict, params, perms, rng) -> dict:
-    """--time_budget: times this machine with the run's own training step, evaluations and
-    sample grid on a copy of the initial state, laid out as the loop's (so each compiles once,
-    for the trial and the run), then sets the step count and the cadences the command left
-    open (timing.plan_budget)."""
+    """--time_budget: times this machine with a trial step, the run's evaluations and sample
+    grid on a copy of the initial state, laid out as the loop's (so the evaluations and grid
+    compile once, for the trial and the run), then sets the step count and the cadences the
+    command left open (timing.plan_budget)."""
+    trial = run["f"] | {"steps": 10 ** 6}  # any schedule: the steps' cost is the same
     model = run["replicate"]({"params": params, "perms": perms, "rng": rng})
-    trial = run["replicate"](new_state(*jax.tree.map(jnp.copy, (params, perms)), make_optimizer(
-        run["f"] | {"steps": 1}), jnp.copy(rng)))  # the trial steps donate it
-    return timing.plan_budget(run, trial, model, run_keys(jax.random.wrap_key_data(model["rng"])),
-                              lambda: grid_rows(run, model))
+    state = run["replicate"](new_state(*jax.tree.map(jnp.copy, (params, perms)),
+                                       make_optimizer(trial), jnp.copy(rng)))  # to be donated
+    return timing.plan_budget(run, make_train_step(run["cfg"], trial, run["model"]["forward"]),
+                              state, model, lambda: grid_rows(run, model))
 
 
 def from_checkpoint(run: dict, ckpt: dict, args) -> dict:
