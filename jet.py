@@ -502,7 +502,8 @@ def plain_inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config,
 
 def remat_policy(remat: bool):
     """What backprop keeps of each coupling: remat=True only its input, recomputing its ViT (as
-    big_vision does); remat=False also the ViT's matmul outputs (the cheap rest is recomputed)."""
+    big_vision does); remat=False also the outputs of the ViT's dense layers (matmuls without
+    batch dimensions); attention's batched matmuls and the cheap rest are recomputed."""
     policies = jax.checkpoint_policies
     return policies.nothing_saveable if remat else policies.dots_with_no_batch_dims_saveable
 

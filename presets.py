@@ -148,6 +148,9 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     a("--label_dropout", type=float, help="conditional runs: probability that an example's "
       "label is replaced by the zero context, which trains the unconditional model alongside "
       "(default 0.1, as big_vision)")
+    a("--classify_images", type=int, metavar="N", help="conditional runs: the last evaluation "
+      "classifies the first N test images by likelihood, a pass per class (default: all, or "
+      "what fits 15%% of a --time_budget)")
     a("--init_from", help="fine-tune: start from the params of this checkpoint or workdir")
     _add_command_flags(a)
     args = p.parse_args(argv)
@@ -302,7 +305,7 @@ def validate(f: dict) -> None:
             raise ValueError(f"--{name} must be {what}, got {value!r}.")
     for name in ("steps", "batch_size", "eval_batch_size", "log_every", "eval_every",
                  "ckpt_every", "validation", "depth", "patch_size", "block_depth", "emb_dim",
-                 "num_heads", "mlp_dim"):
+                 "num_heads", "mlp_dim", "classify_images"):
         check(name, lambda v: v == int(v) and v >= 1, "a positive integer")
     for name in ("epochs", "time_budget", "clip", "scale_factor"):
         check(name, lambda v: v > 0, "a positive number")

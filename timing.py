@@ -115,7 +115,9 @@ def steps_per_s(clock: dict, step: int) -> float:
 # corrected when it is more than RETIME_CHANGE off, by at most RETIME_MAX at once (the
 # learning-rate schedule, which depends on it, then moves smoothly).
 BUDGET_USED, RETIME_UNTIL, RETIME_CHANGE, RETIME_MAX = 0.95, 1 / 3, 0.02, 0.25
-EVALS = 6  # evaluations in a budgeted run; 30 checkpoints, 100 log lines
+EVALS = 6  # evaluations in a budgeted run at most; 30 checkpoints, 100 log lines
+EVAL_SHARE, FINAL_SHARE = 0.1, 0.15  # of a budget, for the periodic evaluations and for the
+# last evaluation's classification by likelihood (a conditional model's: a pass per class)
 
 
 def time_machine(step, evaluate, grid, eval_images: int, seconds: float) -> dict:
@@ -169,39 +171,55 @@ def plan_budget(run: dict, step_fn, state: dict, model: dict, grid) -> dict:
         evaluators["test"](model, keys["eval"], classify=True, limit=f["eval_batch_size"])
     measured = time_machine(step, evaluate, grid, 2 * f["eval_batch_size"],
                             min(5.0, 0.01 * 60 * f["time_budget"]))
-    passes = (cfg.context_dim + 2 if cfg.context_dim else 1) - (held == "test")
     result = plan(f, measured, run["started"], {
         "periodic": evaluators[held].size + evaluators["train"].size,
-        "final": passes * evaluators["test"].size})
+        "test": evaluators["test"].size, "test_again": held != "test",
+        "classes": cfg.context_dim or 0})
+    if cfg.context_dim and run["args"].classify_images is None:
+        f["classify_images"] = result["classify_images"]
     result["own_cadences"] = [k for k in ("log_every", "eval_every", "ckpt_every")
                               if getattr(run["args"], k) is None]
     steps = cluster.from_process_0({"steps": result.pop("steps")})["steps"]
-    set_steps(f, result["own_cadences"], steps)
+    set_steps(f, result, steps)
     result["every"] = f["ckpt_every"]  # the re-timing cadence: fixed, whatever the count becomes
     return result
 
 
 def plan(f: dict, measured: dict, start_time: float, images: dict) -> dict:
-    """The plan of a budgeted run: training + EVALS evaluations (images["periodic"] images and a
-    grid each) + the last one's extra images (images["final"]) + the margin = the budget."""
-    eval_s = measured["image_s"] * images["periodic"] + measured["grid_s"]
-    final_s = measured["image_s"] * images["final"]
-    end = start_time + BUDGET_USED * 60 * f["time_budget"]
-    left = end - time.time() - measured["compile_s"] - EVALS * eval_s - final_s
-    steps = max(EVALS, int(left / measured["step_s"]))
-    print(f"{measured['step_s'] * 1e3:.0f} ms/step, {eval_s:.0f} s per evaluation (the last "
-          f"one {eval_s + final_s:.0f} s), compilation {measured['compile_s']:.0f} s: {steps} "
-          f"steps fit in {f['time_budget']:g} min.", flush=True)
-    return {"steps": steps, "end": end, "step_s": measured["step_s"], "eval_s": eval_s,
-            "final_s": final_s, "compile_s": measured["compile_s"], "evals_s": []}
+    """The plan of a budgeted run: training + `evals` evaluations (images["periodic"] images
+    and a grid each) + the last one's extra passes + the margin = the budget. The extra passes:
+    the test set (images["test"] images) once more after a held-out set, and for a conditional
+    model (images["classes"] > 0) the classification, a pass per class, one with the true label
+    and one with the zero context over the `classify_images` first test images. The periodic
+    evaluations take at most EVAL_SHARE of the budget (1 to EVALS of them), the classification
+    at most FINAL_SHARE (a batch of images at least): on a short budget the run trains most of
+    the time."""
+    budget_s, image_s = 60 * f["time_budget"], measured["image_s"]
+    eval_s = image_s * images["periodic"] + measured["grid_s"]
+    evals = int(min(EVALS, max(1, EVAL_SHARE * budget_s // eval_s)))
+    final_s, classify = image_s * images["test"] * images["test_again"], 0
+    if images["classes"]:
+        per_image = image_s * (images["classes"] + 2)
+        classify = min(images["test"], f.get("classify_images") or images["test"],
+                       max(f["eval_batch_size"], int(FINAL_SHARE * budget_s / per_image)))
+        final_s += per_image * classify
+    end = start_time + BUDGET_USED * budget_s
+    left = end - time.time() - measured["compile_s"] - evals * eval_s - final_s
+    steps = max(evals, int(left / measured["step_s"]))
+    print(f"{measured['step_s'] * 1e3:.0f} ms/step, {evals} evaluations of {eval_s:.0f} s (the "
+          f"last one {eval_s + final_s:.0f} s), compilation {measured['compile_s']:.0f} s: "
+          f"{steps} steps fit in {f['time_budget']:g} min.", flush=True)
+    return {"steps": steps, "evals": evals, "classify_images": classify, "end": end,
+            "step_s": measured["step_s"], "eval_s": eval_s, "final_s": final_s,
+            "compile_s": measured["compile_s"], "evals_s": []}
 
 
-def set_steps(f: dict, own_cadences, steps: int) -> None:
-    """A budgeted run's step count, and the cadences that follow from it (EVALS evaluations,
-    30 checkpoints, 100 log lines) where the command did not set them."""
-    cadences = {"eval_every": -(-steps // EVALS), "ckpt_every": max(1, steps // 30),
+def set_steps(f: dict, plan: dict, steps: int) -> None:
+    """A budgeted run's step count, and the cadences that follow from it (plan["evals"]
+    evaluations, 30 checkpoints, 100 log lines) where the command did not set them."""
+    cadences = {"eval_every": -(-steps // plan["evals"]), "ckpt_every": max(1, steps // 30),
                 "log_every": max(1, steps // 100)}
-    f.update({"steps": steps} | {k: cadences[k] for k in own_cadences})
+    f.update({"steps": steps} | {k: cadences[k] for k in plan["own_cadences"]})
 
 
 def retime(plan: dict, clock: dict, step: int, steps: int) -> int:
@@ -213,13 +231,13 @@ def retime(plan: dict, clock: dict, step: int, steps: int) -> int:
     per evaluation. The timing phase sees a fresh process, which can be a fifth off the speed
     of training under way."""
     eval_s = sum(plan["evals_s"]) / len(plan["evals_s"]) if plan["evals_s"] else plan["eval_s"]
-    reserve = (EVALS - len(plan["evals_s"])) * eval_s + plan["final_s"]  # evaluations to come
+    reserve = (plan["evals"] - len(plan["evals_s"])) * eval_s + plan["final_s"]  # to come
     rate, left = seconds_per_step(clock, step), plan["end"] - time.time() - reserve
     if abs(step + left / rate - steps) * rate <= plan["compile_s"]:
         return steps
     fit = step + int((left - plan["compile_s"]) / rate)
     bounded = min(max(fit, round((1 - RETIME_MAX) * steps)), round((1 + RETIME_MAX) * steps))
-    return max(bounded, step + 1, EVALS)
+    return max(bounded, step + 1, plan["evals"])
 
 
 def retime_run(f: dict, plan: dict, clock: dict, step: int) -> bool:
@@ -232,7 +250,7 @@ def retime_run(f: dict, plan: dict, clock: dict, step: int) -> bool:
     print(f"Re-timed at step {step}: {seconds_per_step(clock, step) * 1e3:.0f} ms/step (the "
           f"timing phase measured {plan['step_s'] * 1e3:.0f}): {steps} steps instead of "
           f"{f['steps']}.", flush=True)
-    set_steps(f, plan["own_cadences"], steps)
+    set_steps(f, plan, steps)
     return True
 
 

@@ -204,8 +204,9 @@ def make_evaluate(batch_stats, images: np.ndarray, labels: np.ndarray, batch_siz
 
 def describe(record: dict) -> str:
     """An evaluation record as a log line: "test 3.6512 bpd | test_accuracy 0.3120 | ..."."""
-    return " | ".join(f"{k.removesuffix('_bpd')} {v:.4f}" + " bpd" * k.endswith("_bpd")
-                      for k, v in record.items() if k not in ("step", "time_s"))
+    return " | ".join(f"{k.removesuffix('_bpd')} {v if isinstance(v, int) else f'{v:.4f}'}"
+                      + " bpd" * k.endswith("_bpd") for k, v in record.items()
+                      if k not in ("step", "time_s"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -217,18 +218,19 @@ sample_jit = jax.jit(jet.sample, static_argnums=(3, 4, 6))
 JET = {"name": "jet", "init": jet.init, "forward": jet.forward, "sample": sample_jit}
 
 
-def sample_rows(run: dict, state: dict, n: int, temperatures, classes=None) -> list[np.ndarray]:
+def sample_rows(run: dict, state: dict, n=None, temperatures=None, classes=None) -> list:
     """Rows of samples for a grid, drawn with the run's sample key (the same noise every time),
-    one block per temperature: an unconditional model's n samples, ceil(sqrt(n)) a row; a
-    conditional model's n per class of `classes` (default: every class if there are at most
-    20, else classes 0-9), then n from the zero context if it was trained with label dropout.
-    Every row of a block starts from the same noise: a column shows one latent per label."""
+    one block per temperature (default the run's): an unconditional model's n samples (default
+    GRID), ceil(sqrt(n)) a row; a conditional model's n (default GRID / 8) per class of
+    `classes` (default: every class if there are at most 20, else classes 0-9), then n from
+    the zero context if it was trained with label dropout. Every row of a block starts from
+    the same noise: a column shows one latent per label."""
     cfg, f, sample = run["cfg"], run["f"], run["model"]["sample"]
     key = run_keys(jax.random.wrap_key_data(state["rng"]))["sample"]
-    K, rows = cfg.context_dim, []
+    K, rows, n = cfg.context_dim, [], n or (GRID // 8 if cfg.context_dim else GRID)
     draw = lambda t, **c: checkpoints.to_host(sample(  # noqa: E731
         state["params"], state["perms"], key, n, cfg, t, presets.compute_dtype(f), **c))
-    for t in temperatures:
+    for t in temperatures or run["temperature"]:
         if not K:
             images, cols = draw(t), math.ceil(math.sqrt(n))
             rows += [images[i:i + cols] for i in range(0, n, cols)]
@@ -239,12 +241,6 @@ def sample_rows(run: dict, state: dict, n: int, temperatures, classes=None) -> l
             contexts.append(jnp.zeros((n, 1, K)))
         rows += [draw(t, context=context) for context in contexts]
     return rows
-
-
-def grid_rows(run: dict, state: dict) -> list[np.ndarray]:
-    """The sample grid of an evaluation: 64 samples (conditional: 8 per class row)."""
-    n = GRID // 8 if run["cfg"].context_dim else GRID
-    return sample_rows(run, state, n, run["temperature"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -333,21 +329,26 @@ def log_line(run: dict, step: int, carried: dict, clock: dict, full: bool) -> fl
 def evaluate_at(run: dict, state: dict, step: int, carried: dict, clock: dict, plan) -> dict:
     """Held-out and training-slice bits/dim (same noise), a sample grid, the learning curve,
     and checkpoint_best.npz when the held-out figure is the best so far. At the last step the
-    test set in full (after a validation set, once more; a conditional model's with the
-    accuracy of classifying by likelihood and the bits/dim under the zero context). Its time
-    is not training time (clock), and a budget learns what it costs (plan)."""
-    f, evaluators, since = run["f"], run["evaluators"], time.time()
-    held, final = run["held"], step == f["steps"]
+    test set in full (once more after a validation set) and a conditional model's accuracy of
+    classifying by likelihood and bits/dim under the zero context, on the first
+    --classify_images test images. Its time is not training time (clock); a budget learns
+    what it costs (plan)."""
+    f, evaluators, since, held = run["f"], run["evaluators"], time.time(), run["held"]
+    key, test = run_keys(jax.random.wrap_key_data(state["rng"]))["eval"], evaluators["test"]
+    classify = min(f.get("classify_images") or test.size, test.size) * (step == f["steps"])
     record = {"step": step}
-    for name in (held, "train") + (("test",) if final and held != "test" else ()):
-        stats = evaluators[name](state, run_keys(jax.random.wrap_key_data(state["rng"]))["eval"],
-                                 classify=final and name == "test")
+    for name in (held, "train") + (("test",) if classify and held != "test" else ()):
+        stats = evaluators[name](state, key, classify=name == "test" and classify == test.size)
         record |= {f"{'train_eval' if name == 'train' else name}_{k}": v for k, v in stats.items()}
+    if run["cfg"].context_dim and 0 < classify < test.size:  # on a subset: a short budget's
+        stats = test(state, key, classify=True, limit=classify)
+        record |= {"test_accuracy": stats["accuracy"], "test_classified": classify,
+                   "test_unconditional_bpd": stats["unconditional_bpd"]}
     print(f"step {step}/{f['steps']} | " + describe(record), flush=True)
     cluster.on_main(checkpoints.append_record, in_workdir(run, "metrics.jsonl"),
                     record | {"time_s": time.time() - run["started"]})
     cluster.on_main(pictures.write_grid, in_workdir(run, f"samples_{step:07d}.png"),
-                    grid_rows(run, state))
+                    sample_rows(run, state))
     cluster.on_main(pictures.write_curve, in_workdir(run, "metrics.jsonl"),
                     in_workdir(run, "curve.svg"), f"{f['dataset']}, preset {f['preset']}")
     if record[f"{held}_bpd"] < carried["best"]:
@@ -463,7 +464,7 @@ def plan_budget(run: dict, params, perms, rng) -> dict:
     state = run["replicate"](new_state(*jax.tree.map(jnp.copy, (params, perms)),
                                        make_optimizer(trial), jnp.copy(rng)))  # to be donated
     return timing.plan_budget(run, make_train_step(run["cfg"], trial, run["model"]["forward"]),
-                              state, model, lambda: grid_rows(run, model))
+                              state, model, lambda: sample_rows(run, model))
 
 
 def from_checkpoint(run: dict, ckpt: dict, args) -> dict:
