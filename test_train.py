@@ -978,7 +978,7 @@ def test_a_budget_keeps_evaluations_to_a_share_of_it(monkeypatch, capsys):
                        images | {"classes": 10})
     assert (plan["evals"], plan["classify_images"], plan["final_s"]) == (1, 3000, 72.0)
     assert plan["steps"] == 1420  # 456 s - compilation 4 - evaluation 25 - classification 72
-    assert "1 evaluations of 25 s (the last one 97 s)" in capsys.readouterr().out
+    assert "1 evaluation of 25 s (the last one 97 s)" in capsys.readouterr().out
     plan = timing.plan({"time_budget": 8, "eval_batch_size": 64, "classify_images": 500},
                        measured, 1000.0, images | {"classes": 10, "test_again": True})
     assert plan["classify_images"] == 500 and plan["final_s"] == pytest.approx(20 + 12)

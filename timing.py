@@ -206,9 +206,10 @@ def plan(f: dict, measured: dict, start_time: float, images: dict) -> dict:
     end = start_time + BUDGET_USED * budget_s
     left = end - time.time() - measured["compile_s"] - evals * eval_s - final_s
     steps = max(evals, int(left / measured["step_s"]))
-    print(f"{measured['step_s'] * 1e3:.0f} ms/step, {evals} evaluations of {eval_s:.0f} s (the "
-          f"last one {eval_s + final_s:.0f} s), compilation {measured['compile_s']:.0f} s: "
-          f"{steps} steps fit in {f['time_budget']:g} min.", flush=True)
+    print(f"{measured['step_s'] * 1e3:.0f} ms/step, {evals} evaluation{'s' * (evals > 1)} of "
+          f"{eval_s:.0f} s (the last one {eval_s + final_s:.0f} s), compilation "
+          f"{measured['compile_s']:.0f} s: {steps} steps fit in {f['time_budget']:g} min.",
+          flush=True)
     return {"steps": steps, "evals": evals, "classify_images": classify, "end": end,
             "step_s": measured["step_s"], "eval_s": eval_s, "final_s": final_s,
             "compile_s": measured["compile_s"], "evals_s": []}
