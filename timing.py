@@ -123,9 +123,9 @@ EVAL_SHARE, FINAL_SHARE = 0.1, 0.15  # of a budget, for the periodic evaluations
 def time_machine(step, evaluate, grid, eval_images: int, seconds: float) -> dict:
     """Times this machine for a budget: step(i) dispatches training step i and returns its
     output; evaluate(n) evaluates the first n images of every periodic set; grid() draws a
-    sample grid. Each is called once to compile, then timed warm: the steps for about `seconds`,
-    dispatched back to back as the training loop does. Returns seconds of compilation, a step,
-    an evaluated image and a grid."""
+    sample grid. Each is called once to compile, then timed warm: the steps and the evaluation
+    for about `seconds` each, the steps dispatched back to back as the training loop does.
+    Returns seconds of compilation, a step, an evaluated image and a grid."""
     t0 = time.time()
     jax.block_until_ready(step(0))
     compile_s = time.time() - t0
@@ -139,7 +139,10 @@ def time_machine(step, evaluate, grid, eval_images: int, seconds: float) -> dict
     evaluate(eval_images)  # compiles
     t0 = time.time()
     evaluate(eval_images)
-    image_s = (time.time() - t0) / eval_images
+    n = max(eval_images, int(eval_images * seconds / (time.time() - t0)))  # ~`seconds` more
+    t0 = time.time()
+    evaluate(n)
+    image_s = (time.time() - t0) / n
     grid()  # compiles
     t0 = time.time()
     grid()
