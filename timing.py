@@ -150,6 +150,19 @@ def time_machine(step, evaluate, grid, eval_images: int, seconds: float) -> dict
             "grid_s": time.time() - t0}
 
 
+def time_classification(test, model: dict, key, batch: int, seconds: float) -> float:
+    """Seconds per image of a conditional model's classification by likelihood (the passes
+    under every class, the true label and the zero context) by the test evaluator `test`,
+    timed warm over about `seconds` of whole batches."""
+    test(model, key, classify=True, limit=batch)  # compiles
+    t0 = time.time()
+    test(model, key, classify=True, limit=batch)
+    n = batch * max(1, int(seconds / (time.time() - t0)))
+    t0 = time.time()
+    test(model, key, classify=True, limit=n)
+    return (time.time() - t0) / n
+
+
 def plan_budget(run: dict, step_fn, state: dict, model: dict, grid) -> dict:
     """The plan of a budgeted run (plan), from the training step step_fn on `state` (a copy of
     the initial state), the run's evaluators on `model` (params, perms and the run's key) and
@@ -170,10 +183,11 @@ def plan_budget(run: dict, step_fn, state: dict, model: dict, grid) -> dict:
     def evaluate(n):
         for name in (held, "train"):
             evaluators[name](model, keys["eval"], limit=n)
-    if cfg.context_dim:  # compiles the last evaluation's classification
-        evaluators["test"](model, keys["eval"], classify=True, limit=f["eval_batch_size"])
-    measured = time_machine(step, evaluate, grid, 2 * f["eval_batch_size"],
-                            min(5.0, 0.01 * 60 * f["time_budget"]))
+    seconds = min(5.0, 0.01 * 60 * f["time_budget"])
+    measured = time_machine(step, evaluate, grid, 2 * f["eval_batch_size"], seconds)
+    if cfg.context_dim:  # the last evaluation's classification: compiled, then timed
+        measured["classify_s"] = time_classification(evaluators["test"], model, keys["eval"],
+                                                     f["eval_batch_size"], seconds)
     result = plan(f, measured, run["started"], {
         "periodic": evaluators[held].size + evaluators["train"].size,
         "test": evaluators["test"].size, "test_again": held != "test",
@@ -193,7 +207,8 @@ def plan(f: dict, measured: dict, start_time: float, images: dict) -> dict:
     and a grid each) + the last one's extra passes + the margin = the budget. The extra passes:
     the test set (images["test"] images) once more after a held-out set, and for a conditional
     model (images["classes"] > 0) the classification, a pass per class, one with the true label
-    and one with the zero context over the `classify_images` first test images. The periodic
+    and one with the zero context over the `classify_images` first test images
+    (measured["classify_s"] an image where timed, else image_s a pass). The periodic
     evaluations take at most EVAL_SHARE of the budget (1 to EVALS of them), the classification
     at most FINAL_SHARE (a batch of images at least): on a short budget the run trains most of
     the time."""
@@ -202,7 +217,7 @@ def plan(f: dict, measured: dict, start_time: float, images: dict) -> dict:
     evals = int(min(EVALS, max(1, EVAL_SHARE * budget_s // eval_s)))
     final_s, classify = image_s * images["test"] * images["test_again"], 0
     if images["classes"]:
-        per_image = image_s * (images["classes"] + 2)
+        per_image = measured.get("classify_s", image_s * (images["classes"] + 2))
         classify = min(images["test"], f.get("classify_images") or images["test"],
                        max(f["eval_batch_size"], int(FINAL_SHARE * budget_s / per_image)))
         final_s += per_image * classify
