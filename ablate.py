@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import checkpoints
 import data
 import jet
 import presets
@@ -469,7 +470,7 @@ def forward_flops(cfg: jet.Config, v: Variant) -> int:
 
 SIX = ",".join(presets.ALL_SIX)
 OFFICIAL_KINDS = ",".join(["channels"] * 4 + ["spatial"])
-BASE = Variant("cpu preset: 24 couplings x 1 ViT block, width 32, P=4")
+BASE = Variant("base: 24 couplings x 1 ViT block, width 32, P=4")
 EXPERIMENTS = {
     "coupling_net": ("ViT coupling networks beat CNN ones", (
         BASE,
@@ -507,10 +508,13 @@ EXPERIMENTS = {
 QUICK = dict(emb_dim=8, num_heads=2, batch_size=8, eval_batch_size=128, log_every=1)
 
 
-# The model every experiment varies: the `cpu` preset before its re-tune on the validation split
-# (jet.Config's default 2 channel : 1 spatial kinds, checkerboard patterns, peak lr 1e-3), so
-# that docs/ablations.md's figures stay reproducible whatever the preset becomes.
-ABLATION_BASE = {"preset": "cpu", "kinds": "channels,channels,spatial",
+# The model every experiment varies: the `cpu` preset before its re-tunes (P=4, 24 couplings of
+# width 32, batch 64, jet.Config's default 2 channel : 1 spatial kinds with the checkerboard
+# patterns, peak lr 1e-3), spelled out so that docs/ablations.md's figures stay reproducible
+# whatever the preset becomes.
+ABLATION_BASE = {"preset": "cpu", "patch_size": 4, "depth": 24, "block_depth": 1,
+                 "emb_dim": 32, "num_heads": 2, "batch_size": 64,
+                 "kinds": "channels,channels,spatial",
                  "spatial_projs": "checkerboard,checkerboard-inv", "lr": 1e-3}
 
 
@@ -555,7 +559,7 @@ def run_variant(v: Variant, seed: int, args, image_shape) -> dict:
     flags = run_flags(v, args.quick)
     cfg = presets.make_config(flags, image_shape)
     flops = 3 * forward_flops(cfg, v)  # training step ~ forward + backward (2x forward)
-    batch = int(flags.get("batch_size", presets.PRESETS["cpu"]["batch_size"]))
+    batch = int(flags["batch_size"])
     steps = 2 if args.quick else max(1, round(args.budget * 1e12 / (flops * batch)))
     workdir = os.path.join(args.workdir, "runs", run_id)
     argv = [f"--{k}={','.join(x) if isinstance(x, tuple) else x}" for k, x in flags.items()]
@@ -607,6 +611,61 @@ def table(claim: str, rows: list[tuple[Variant, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------
+# Where the bits go: a trained flow's bits/dim split by pixel (--where_bits WORKDIR)
+
+
+def bits_by_dimension(params, perms, x, cfg: jet.Config) -> dict[str, jax.Array]:
+    """jet.plain_forward's loop, also tracking each dimension's log-scales: "bits" [B, H, W, C]
+    (what each dimension of x costs: z^2/2 + log(2 pi)/2 + log 127.5 - its summed log-scales,
+    in bits; their mean over the dimensions is bits_per_dim), "expansion" (its summed
+    log-scales in bits), "room" [H, W, C] (the couplings that transform it: with k = 2 each
+    expands it by at most 1 bit) and "saturated" (the share of its scales past 0.99 k)."""
+    h = jet.patchify(x, cfg.patch_size)  # [B, N, D]
+    logs, room, saturated = jnp.zeros_like(h), jnp.zeros_like(h[:1]), jnp.zeros_like(h)
+    for i in range(cfg.depth):
+        p = jax.tree.map(lambda leaf: leaf[i], params)
+        (x1, x2), (l1, l2), (s1, s2) = (jet.split(v, perms[i]) for v in (h, logs, saturated))
+        b, s = jet.coupling_net(p, x1)
+        scale, _ = jet.coupling_scale(s, cfg.scale_factor)
+        h = jet.merge(x1, (x2 + b) * scale, perms[i])
+        logs = jet.merge(l1, l2 + jnp.log(scale), perms[i])
+        saturated = jet.merge(s1, s2 + (scale > 0.99 * cfg.scale_factor), perms[i])
+        room = room + jet.merge(jnp.zeros_like(x1[:1]), jnp.ones_like(x2[:1]), perms[i])
+    z, logs, saturated, room = (jet.unpatchify(v, cfg.patch_size, cfg.image_shape)
+                                for v in (h, logs, saturated, room))
+    nats = 0.5 * jnp.square(z) + 0.5 * math.log(2 * math.pi) + math.log(127.5) - logs
+    return {"bits": nats / math.log(2), "expansion": logs / math.log(2),
+            "room": jnp.broadcast_to(room, x.shape), "saturated": saturated / room}
+
+
+def where_bits(args) -> str:
+    """A table of the bits/dim of --images test images by a trained run (--where_bits, a
+    workdir), split into pixels that are exactly 0 and the others."""
+    path = os.path.join(args.where_bits, "checkpoint.npz")
+    arrays, meta = checkpoints.read(path)
+    cfg = jet.Config(**meta["config"])
+    if cfg.context_dim:
+        raise ValueError(f"{path} is a conditional model; --where_bits reads unconditional ones.")
+    state = checkpoints.restore(arrays, checkpoints.state_template(cfg, None), path)
+    images = data.load(meta["flags"]["dataset"], args.data_dir)["test"][:args.images]
+    x = jet.dequantize(jax.random.key(0), jnp.asarray(images))
+    out = jax.jit(bits_by_dimension, static_argnums=3)(state["params"], state["perms"], x, cfg)
+    zero, room = images == 0, np.asarray(out["room"])
+    rows = [f"{args.where_bits} (step {meta['step']}, {len(images)} test images): "
+            f"{float(out['bits'].mean()):.3f} bits/dim", "",
+            "| pixels | share | bits each | expansion, bits | room, bits | saturated scales |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name, mask in (("exactly 0", zero), ("1 to 255", ~zero)):
+        if not mask.any():
+            continue
+        bits, gain, sat = (float(np.asarray(out[k])[mask].mean())
+                           for k in ("bits", "expansion", "saturated"))
+        rows.append(f"| {name} | {mask.mean():.3f} | {bits:.3f} | {gain:.2f} | "
+                    f"{float(room[mask].mean()):.1f} | {sat:.3f} |")
+    return "\n".join(rows)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -623,6 +682,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--data_dir", help="train.py --data_dir")
     a("--data_md5", help="train.py --data_md5 (a cifar10 archive you trust)")
     a("--workdir", default="runs/ablate", help="results.jsonl and one folder per run")
+    a("--where_bits", metavar="WORKDIR", help="instead of an experiment: where a trained "
+      "run's bits go, pixels that are exactly 0 against the others, on --images test images")
+    a("--images", type=int, default=1000, help="test images for --where_bits (default 1000)")
     args = p.parse_args(argv)
     args.dataset = args.dataset or ("synthetic" if args.quick else "cifar10")
     if not (args.budget > 0 and math.isfinite(args.budget)) or args.seeds < 1:
@@ -633,6 +695,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict[str, str]:
     args = parse_args(argv)
+    if args.where_bits:
+        print(table := where_bits(args))
+        return {"where_bits": table}
     names = args.experiment or list(EXPERIMENTS)
     if args.list:
         for name in names:

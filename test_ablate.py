@@ -415,3 +415,41 @@ def test_bad_arguments_are_refused(capsys):
     assert ablate.main(["--list"]) == {}
     out = capsys.readouterr().out
     assert all(name in out for name in ablate.EXPERIMENTS)
+
+
+# ------------------------------------------------------------------------------------------
+# Where the bits go (--where_bits)
+
+
+@pytest.mark.slow
+@given(configs(max_depth=3), st.integers(0, 2 ** 31 - 1))
+def test_bits_by_dimension_add_up_to_bits_per_dim(x64, cfg, seed):
+    """Each dimension's bits average to jet.bits_per_dim, its expansions sum to the log-det,
+    and its room counts the couplings that transform it (half the dimensions each)."""
+    params, perms = random_params(cfg, seed, np.float64)
+    x = images(jax.random.key(seed), cfg, dtype=jnp.float64)
+    out = ablate.bits_by_dimension(params, perms, x, cfg)
+    z, logdet = jet.plain_forward(params, perms, x, cfg)
+    np.testing.assert_allclose(out["bits"].mean((1, 2, 3)), jet.bits_per_dim(z, logdet),
+                               rtol=1e-10)
+    np.testing.assert_allclose(out["expansion"].sum((1, 2, 3)) * np.log(2), logdet,
+                               rtol=1e-10, atol=1e-10)
+    room = np.asarray(out["room"][0])
+    assert room.sum() == cfg.depth * room.size / 2 and room.min() >= 0
+    saturated = np.asarray(out["saturated"])
+    assert ((0 <= saturated) & (saturated <= 1) | (room == 0)).all()
+
+
+@pytest.mark.slow
+def test_where_bits_reads_a_trained_run(tmp_path, capsys):
+    """--where_bits on a finished run: a table of the kinds of pixels present (synthetic
+    images have no zeros) whose shares add up to 1, under the run's overall bits/dim."""
+    flags = ["--dataset", "synthetic", "--preset", "tiny", "--depth", "2", "--emb_dim", "8",
+             "--num_heads", "1", "--steps", "2", "--eval_every", "2", "--workdir", str(tmp_path)]
+    train.main(flags)
+    table = ablate.main(["--where_bits", str(tmp_path), "--images", "16"])["where_bits"]
+    assert table in capsys.readouterr().out
+    assert "(step 2, 16 test images)" in table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| exactly")
+            or line.startswith("| 1 to")]
+    assert 1 <= len(rows) <= 2 and sum(float(r[1]) for r in rows) == pytest.approx(1, abs=2e-3)
