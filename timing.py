@@ -192,12 +192,14 @@ def plan_budget(run: dict, step_fn, state: dict, model: dict, grid) -> dict:
         "periodic": evaluators[held].size + evaluators["train"].size,
         "test": evaluators["test"].size, "test_again": held != "test",
         "classes": cfg.context_dim or 0})
+    # Process 0's plan is every process's: the same steps, the same images classified.
+    agreed = cluster.from_process_0({"steps": result.pop("steps"),
+                                     "classify": result["classify_images"]})
     if cfg.context_dim and run["args"].classify_images is None:
-        f["classify_images"] = result["classify_images"]
+        f["classify_images"] = result["classify_images"] = agreed["classify"]
     result["own_cadences"] = [k for k in ("log_every", "eval_every", "ckpt_every")
                               if getattr(run["args"], k) is None]
-    steps = cluster.from_process_0({"steps": result.pop("steps")})["steps"]
-    set_steps(f, result, steps)
+    set_steps(f, result, agreed["steps"])
     result["every"] = f["ckpt_every"]  # the re-timing cadence: fixed, whatever the count becomes
     return result
 
