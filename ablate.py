@@ -8,6 +8,7 @@ convolution FLOPs per image), with several seeds, and prints a markdown table.
   python ablate.py --list
   python ablate.py --experiment coupling_net [--data_dir DIR] [--budget TFLOP] [--seeds N]
   python ablate.py --quick           # seconds: every experiment, tiny models, synthetic data
+  python ablate.py --where_bits RUN  # a trained run's bits/dim: exact zeros against the rest
 
 Training, data and evaluation are train.py's (train.main with a `model`); this file only
 adds what jet.py deliberately leaves out: a CNN coupling network, the bijections earlier
@@ -508,7 +509,7 @@ EXPERIMENTS = {
 QUICK = dict(emb_dim=8, num_heads=2, batch_size=8, eval_batch_size=128, log_every=1)
 
 
-# The model every experiment varies: the `cpu` preset before its re-tunes (P=4, 24 couplings of
+# The model every experiment varies: the `cpu` preset before its re-tune (P=4, 24 couplings of
 # width 32, batch 64, jet.Config's default 2 channel : 1 spatial kinds with the checkerboard
 # patterns, peak lr 1e-3), spelled out so that docs/ablations.md's figures stay reproducible
 # whatever the preset becomes.

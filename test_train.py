@@ -193,7 +193,7 @@ def test_two_devices_give_the_losses_of_one(tmp_path):
 # ------------------------------------------------------------------------------------------
 # What clusters do to runs: many processes, preemption, full disks, two runs in one workdir
 
-# The README's two-process command: a few dozen steps of a tiny model on synthetic images.
+# docs/training.md's two-process command: a few dozen steps of a tiny model on synthetic images.
 TWO_PROCESS = [*SMALL, "--dataset", "synthetic", "--steps", 48, "--eval_every", 24,
                "--ckpt_every", 7]
 PROCESS_TIMEOUT_S = 300  # a hung collective fails the test instead of hanging CI
