@@ -964,6 +964,28 @@ def test_retiming_sets_the_steps_that_end_on_the_budget(monkeypatch, capsys):
     assert timing.retime(late, clock | {"step": 0}, 2, 6) == 6  # at least one step per eval
 
 
+def test_a_new_step_pauses_the_clock_only_for_its_compilation(monkeypatch):
+    """timing.pausing: the first call of a recompiled step is not training time, but the steps
+    dispatched before it are: it waits for them before it starts timing the compilation."""
+    events, now = [], [100.0]
+
+    def block(state):
+        events.append("queued steps done")
+        now[0] += 2.0
+
+    def step(state, batch):
+        events.append("step")
+        now[0] += 5.0 if events.count("step") == 1 else 0.1  # compiles, then runs
+        return state + 1
+    monkeypatch.setattr(timing.time, "time", lambda: now[0])
+    monkeypatch.setattr(timing.jax, "block_until_ready", block)
+    clock = timing.start_clock(1)
+    call = timing.pausing(step, clock)
+    assert call(0, None) == 1 and call(1, None) == 2
+    assert events == ["queued steps done", "step", "step"]
+    assert clock["paused"] == pytest.approx(5.0)
+
+
 def test_a_budget_keeps_evaluations_to_a_share_of_it(monkeypatch, capsys):
     """The plan of a budget: 30 minutes fit six evaluations of 25 s; 8 minutes only one (at
     most a tenth of the budget goes to them), and a conditional model's last evaluation

@@ -276,13 +276,16 @@ def retime_run(f: dict, plan: dict, clock: dict, step: int) -> bool:
 
 
 def pausing(step_fn, clock: dict):
-    """step_fn, whose first call (a new step's compilation) is not counted as training time."""
+    """step_fn(state, ...), whose first call (a new step's compilation) is not counted as
+    training time; the steps dispatched before it are, so they finish before it starts."""
     compiled = False
 
-    def call(*args):
+    def call(state, *args):
         nonlocal compiled
+        if not compiled:
+            jax.block_until_ready(state)
         since = time.time()
-        out = step_fn(*args)
+        out = step_fn(state, *args)
         if not compiled:
             pause(clock, since)
             compiled = True
