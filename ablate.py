@@ -696,8 +696,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict[str, str]:
     args = parse_args(argv)
     if args.where_bits:
-        print(table := where_bits(args))
-        return {"where_bits": table}
+        print(report := where_bits(args))
+        return {"where_bits": report}
     names = args.experiment or list(EXPERIMENTS)
     if args.list:
         for name in names:
