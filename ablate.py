@@ -243,17 +243,6 @@ def layer_inverse(p, index, y, cfg: jet.Config, v: Variant):
     return h, logdet
 
 
-def _check_shapes(x, perms, cfg: jet.Config, name: str) -> None:
-    """Raises ValueError, at trace time, for inputs that do not fit the Config."""
-    if x.ndim != 4 or tuple(x.shape[1:]) != cfg.image_shape:
-        raise ValueError(f"{name} must be [B, H, W, C] with (H, W, C) = {cfg.image_shape}, "
-                         f"got shape {tuple(x.shape)}.")
-    expected = (cfg.depth, cfg.num_tokens * cfg.token_dim)
-    if tuple(perms.shape) != expected:
-        raise ValueError(f"perms has shape {tuple(perms.shape)} but this Config needs "
-                         f"{expected}; were they made for another Config?")
-
-
 def coupling_scan(params, indices, h, k, coupling, remat=False, reverse=False):
     """h [B, N, D'] through the couplings params[i] with split indices indices[i] [L, N*D'], in
     order (reverse: last first, for the inverse); returns h and the summed log-det [B]."""
@@ -270,7 +259,7 @@ def flow_forward(params, perms, x, cfg: jet.Config, remat=False, compute_dtype=N
     """x [B, H, W, C] -> z, log|det dz/dx| [B]: layer_forward as each of jet's couplings, in one
     scan; jet.forward's signature (for train.py)."""
     _check_dtype(compute_dtype)
-    _check_shapes(x, perms, cfg, "x")
+    jet.check_input(x, perms, cfg, "x")
     h, logdet = coupling_scan(params, perms, jet.patchify(x, cfg.patch_size), cfg.scale_factor,
                               lambda p, index, h, k: layer_forward(p, index, h, cfg, v), remat)
     return jet.unpatchify(h, cfg.patch_size, cfg.image_shape), logdet
@@ -278,7 +267,7 @@ def flow_forward(params, perms, x, cfg: jet.Config, remat=False, compute_dtype=N
 
 def flow_inverse(params, perms, z, cfg: jet.Config, compute_dtype=None, *, v: Variant):
     _check_dtype(compute_dtype)
-    _check_shapes(z, perms, cfg, "z")
+    jet.check_input(z, perms, cfg, "z")
     h, logdet = coupling_scan(params, perms, jet.patchify(z, cfg.patch_size), cfg.scale_factor,
                               lambda p, index, y, k: layer_inverse(p, index, y, cfg, v),
                               reverse=True)
@@ -398,7 +387,7 @@ def multiscale_forward(params, perms, x, cfg: jet.Config, remat=False, compute_d
                        v: Variant):
     """x [B, H, W, C] -> z [B, H, W, C], log|det dz/dx| [B]; jet.forward's signature."""
     _check_dtype(compute_dtype)
-    _check_shapes(x, perms, cfg, "x")
+    jet.check_input(x, perms, cfg, "x")
     F, P, k = factor_point(cfg, v), cfg.patch_size, cfg.scale_factor
     half = cfg.num_tokens * cfg.token_dim // 2  # stage 2 reads this much of its perms rows
     h, logdet1 = coupling_scan(params["stage1"], perms[:F], jet.patchify(x, P), k,
@@ -413,7 +402,7 @@ def multiscale_forward(params, perms, x, cfg: jet.Config, remat=False, compute_d
 def multiscale_inverse(params, perms, z, cfg: jet.Config, compute_dtype=None, *, v: Variant):
     """z [B, H, W, C] -> x, log|det dx/dz| [B]: multiscale_forward's steps undone, last first."""
     _check_dtype(compute_dtype)
-    _check_shapes(z, perms, cfg, "z")
+    jet.check_input(z, perms, cfg, "z")
     F, P, k = factor_point(cfg, v), cfg.patch_size, cfg.scale_factor
     half = cfg.num_tokens * cfg.token_dim // 2
     y, eps = jnp.split(jet.patchify(z, P), 2, axis=-1)  # each [B, N, D/2]
@@ -509,13 +498,10 @@ EXPERIMENTS = {
 QUICK = dict(emb_dim=8, num_heads=2, batch_size=8, eval_batch_size=128, log_every=1)
 
 
-# The model every experiment varies: the `cpu` preset before its re-tune (P=4, 24 couplings of
-# width 32, batch 64, jet.Config's default 2 channel : 1 spatial kinds with the checkerboard
-# patterns, peak lr 1e-3), spelled out so that docs/ablations.md's figures stay reproducible
-# whatever the preset becomes.
-ABLATION_BASE = {"preset": "cpu", "patch_size": 4, "depth": 24, "block_depth": 1,
-                 "emb_dim": 32, "num_heads": 2, "batch_size": 64,
-                 "kinds": "channels,channels,spatial",
+# The model every experiment varies, spelled out so that docs/ablations.md stays reproducible
+# whatever the `cpu` preset becomes: that preset before its re-tune (2:1 kinds, lr 1e-3).
+ABLATION_BASE = {"preset": "cpu", "patch_size": 4, "depth": 24, "block_depth": 1, "emb_dim": 32,
+                 "num_heads": 2, "batch_size": 64, "kinds": "channels,channels,spatial",
                  "spatial_projs": "checkerboard,checkerboard-inv", "lr": 1e-3}
 
 
@@ -617,11 +603,9 @@ def table(claim: str, rows: list[tuple[Variant, list[dict]]]) -> str:
 
 
 def bits_by_dimension(params, perms, x, cfg: jet.Config) -> dict[str, jax.Array]:
-    """jet.plain_forward's loop, also tracking each dimension's log-scales: "bits" [B, H, W, C]
-    (what each dimension of x costs: z^2/2 + log(2 pi)/2 + log 127.5 - its summed log-scales,
-    in bits; their mean over the dimensions is bits_per_dim), "expansion" (its summed
-    log-scales in bits), "room" [H, W, C] (the couplings that transform it: with k = 2 each
-    expands it by at most 1 bit) and "saturated" (the share of its scales past 0.99 k)."""
+    """jet.plain_forward's loop tracking each dimension's log-scales, all [B, H, W, C]: "bits"
+    it costs (their mean is bits_per_dim), "expansion" (its log-scales, in bits), "room" (the
+    couplings that transform it, 1 bit each at k = 2), "saturated" (its scales past 0.99 k)."""
     h = jet.patchify(x, cfg.patch_size)  # [B, N, D]
     logs, room, saturated = jnp.zeros_like(h), jnp.zeros_like(h[:1]), jnp.zeros_like(h)
     for i in range(cfg.depth):
@@ -641,8 +625,7 @@ def bits_by_dimension(params, perms, x, cfg: jet.Config) -> dict[str, jax.Array]
 
 
 def where_bits(args) -> str:
-    """A table of the bits/dim of --images test images by a trained run (--where_bits, a
-    workdir), split into pixels that are exactly 0 and the others."""
+    """--where_bits: a run's bits/dim on --images test images, exact zeros against the rest."""
     path = os.path.join(args.where_bits, "checkpoint.npz")
     arrays, meta = checkpoints.read(path)
     cfg = jet.Config(**meta["config"])
@@ -682,8 +665,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--data_dir", help="train.py --data_dir")
     a("--data_md5", help="train.py --data_md5 (a cifar10 archive you trust)")
     a("--workdir", default="runs/ablate", help="results.jsonl and one folder per run")
-    a("--where_bits", metavar="WORKDIR", help="instead of an experiment: where a trained "
-      "run's bits go, pixels that are exactly 0 against the others, on --images test images")
+    a("--where_bits", metavar="RUN", help="instead: a trained run's bits, exact zeros vs the rest")
     a("--images", type=int, default=1000, help="test images for --where_bits (default 1000)")
     args = p.parse_args(argv)
     args.dataset = args.dataset or ("synthetic" if args.quick else "cifar10")

@@ -423,7 +423,7 @@ def init(key: jax.Array, cfg: Config, dtype=jnp.float32) -> tuple[dict, jax.Arra
     return params, init_perms(k_perms, cfg)
 
 
-def _check_input(x, perms, cfg, name, context=None):
+def check_input(x, perms, cfg, name, context=None):
     """Raises ValueError, at trace time, for inputs that do not match the Config."""
     expected = (cfg.depth, cfg.num_tokens * cfg.token_dim)
     if x.ndim != 4 or tuple(x.shape[1:]) != cfg.image_shape:
@@ -464,7 +464,7 @@ def plain_forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config,
     of the couplings' log-dets. `affine(p, x1, x2, k, context=...)` is the coupling's equation;
     functools.partial(affine_forward, net=...) puts another network in place of the ViT. A
     conditional Config needs context [B, T_ctx, C_ctx], which every coupling receives."""
-    _check_input(x, perms, cfg, "x", context)
+    check_input(x, perms, cfg, "x", context)
     h = patchify(x, cfg.patch_size)  # [B, N, D]
     logdet = jnp.zeros(x.shape[:1], x.dtype)
     for i in range(cfg.depth):
@@ -480,7 +480,7 @@ def plain_inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config,
                   context=None, affine=affine_inverse):
     """x = f^-1(z), log|det dx/dz| [B]: plain_forward's steps undone, last coupling first, each
     given the same context."""
-    _check_input(z, perms, cfg, "z", context)
+    check_input(z, perms, cfg, "z", context)
     h = patchify(z, cfg.patch_size)  # [B, N, D]
     logdet = jnp.zeros(z.shape[:1], z.dtype)
     for i in reversed(range(cfg.depth)):
@@ -555,7 +555,7 @@ def forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config, remat: bo
     remat_policy. compute_dtype=jnp.bfloat16 runs the ViT matmuls in bfloat16; the coupling
     arithmetic and log-det stay in the parameters' dtype, so f stays invertible. A conditional
     Config (context_dim set) needs context [B, T_ctx, C_ctx]; an unconditional one, none."""
-    _check_input(x, perms, cfg, "x", context)
+    check_input(x, perms, cfg, "x", context)
     _check_params(params, cfg)
     return _couplings(affine_forward, params, perms, x, cfg, False, remat, compute_dtype,
                       context)
@@ -565,7 +565,7 @@ def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config, compute_d
             context=None):
     """z [B, H, W, C] -> x [B, H, W, C], log|det dx/dz| [B]; couplings in reverse order, each
     given the same context as in forward."""
-    _check_input(z, perms, cfg, "z", context)
+    check_input(z, perms, cfg, "z", context)
     _check_params(params, cfg)
     return _couplings(affine_inverse, params, perms, z, cfg, True, False, compute_dtype, context)
 
