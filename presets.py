@@ -227,13 +227,14 @@ def default_preset(dataset: str, platform: str) -> tuple[str, str]:
 
 
 def default_workdir(args, platform: str) -> str:
-    """runs/<dataset>-<preset> (an npz file by its name): runs of different datasets or presets
-    never share a workdir by default."""
+    """runs/<dataset>-<preset>[-conditional] (an npz file by its name): runs of different
+    datasets, presets or kinds never share a workdir by default."""
     dataset = args.dataset or "cifar10"
     preset = args.preset or default_preset(dataset, platform)[0]
     if dataset.startswith("npz:"):
         dataset = "npz-" + os.path.splitext(os.path.basename(dataset[len("npz:"):]))[0]
-    return os.path.join("runs", f"{dataset}-{preset}")
+    return os.path.join("runs", f"{dataset}-{preset}" + ("-conditional" if args.conditional
+                                                            else ""))
 
 
 def resolve(args, saved: dict | None, platform: str = "cpu") -> tuple[dict, str]:

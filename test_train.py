@@ -781,7 +781,8 @@ def test_presets_build_valid_configs():
 
 def test_default_workdirs_differ_by_dataset_and_preset():
     """Without --workdir a run lives in runs/<dataset>-<preset>, so the README's tiny run and
-    the 30-minute run of the same dataset never meet; an npz dataset goes by its file name."""
+    the 30-minute run of the same dataset never meet, nor a conditional run and an
+    unconditional one; an npz dataset goes by its file name."""
     def workdir(*argv):
         return presets.default_workdir(presets.parse_args(list(argv)), "cpu")
     assert workdir() == workdir("--dataset", "cifar10") == os.path.join("runs", "cifar10-cpu")
@@ -789,6 +790,8 @@ def test_default_workdirs_differ_by_dataset_and_preset():
         "runs", "cifar10-tiny")
     assert workdir("--dataset", "fashion_mnist") == os.path.join("runs",
                                                                  "fashion_mnist-fashion_mnist_cpu")
+    assert workdir("--dataset", "cifar10", "--conditional") == os.path.join(
+        "runs", "cifar10-cpu-conditional")
     assert workdir("--dataset", "npz:~/d/faces.npz") == os.path.join("runs", "npz-faces-tiny")
     assert presets.default_workdir(presets.parse_args(["--dataset", "cifar10"]), "gpu") == \
         os.path.join("runs", "cifar10-cifar10")
