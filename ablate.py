@@ -15,8 +15,9 @@ adds what jet.py deliberately leaves out: a CNN coupling network, the bijections
 flows put between couplings (ActNorm, an invertible dense layer over each token's D values),
 and multiscale factoring (Real NVP, Glow: half of each token's dims leave the flow part-way).
 Results are appended to <workdir>/results.jsonl; a run already there (same variant flags,
-seed, budget and data) is read back instead of trained again, so an interrupted experiment
-resumes where it stopped and experiments share their common baseline runs.
+seed, budget, dataset, and a digest of its images) is read back instead of trained again, so
+an interrupted experiment resumes where it stopped and experiments share their common
+baseline runs.
 """
 
 import argparse
@@ -516,12 +517,23 @@ def run_flags(v: Variant, quick: bool) -> dict:
 # ------------------------------------------------------------------------------------------
 # Running: each (variant, seed) is one train.py run for budget / (train FLOPs x batch) steps
 
+def data_digest(args) -> str:
+    """sha256 of the dataset's images and labels as loaded: a result measured on other pixels
+    under the same --dataset name (a JPEG-decoded copy of CIFAR-10 replaced by the lossless
+    one) is never read back as this data's."""
+    arrays = data.load(args.dataset, args.data_dir, md5=args.data_md5)
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode() + np.ascontiguousarray(arrays[name]).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def run_key(v: Variant, seed: int, args) -> dict:
     """What determines a run's result (not its name): runs with equal keys are shared. The
     multiscale fields appear only when set, so single-scale runs keep their stored ids."""
     key = {"flags": run_flags(v, args.quick), "net": v.net, "cnn_blocks": v.cnn_blocks,
            "actnorm": v.actnorm, "dense": v.dense, "seed": seed, "budget": args.budget,
-           "dataset": args.dataset, "quick": args.quick}
+           "dataset": args.dataset, "data": args.data_digest, "quick": args.quick}
     if v.multiscale:
         key |= {"multiscale": v.multiscale, "factor_after": v.factor_after}
     return key
@@ -688,7 +700,7 @@ def main(argv=None) -> dict[str, str]:
             for v in variants:
                 print(f"  - {v.name}")
         return {}
-    image_shape = data.image_shape(args.dataset)
+    image_shape, args.data_digest = data.image_shape(args.dataset), data_digest(args)
     tables, start = {}, time.time()
     for name in names:
         claim, variants = EXPERIMENTS[name]

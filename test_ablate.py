@@ -369,16 +369,19 @@ QUICK_EXPERIMENTS = ("coupling_net", "removed_components", "multiscale")
 def test_quick_runs_every_model_kind_then_reuses_its_results(tmp_path, monkeypatch):
     """--quick trains every variant of the experiments that build their own models through
     train.py and prints a table per experiment; a second call reads every result back instead
-    of training; a run's workdir refuses to be resumed as another model; a multiscale run's
-    checkpoint (its perms in train.py's [depth, N*D] layout) restores: --eval_only gives its
-    test bits/dim again, and --sample draws from it."""
+    of training, unless the images differ (their digest is in each run's key); a run's workdir
+    refuses to be resumed as another model; a multiscale run's checkpoint (its perms in
+    train.py's [depth, N*D] layout) restores: --eval_only gives its test bits/dim again, and
+    --sample draws from it."""
     argv = ["--quick", "--seeds", "1", "--workdir", str(tmp_path)]
     argv += [f"--experiment={name}" for name in QUICK_EXPERIMENTS]
     tables = ablate.main(argv)
     assert set(tables) == set(QUICK_EXPERIMENTS)
     with open(tmp_path / "results.jsonl") as f:
         records = [json.loads(line) for line in f]
-    unique = {json.dumps(ablate.run_key(v, 0, ablate.parse_args(argv)), sort_keys=True)
+    args = ablate.parse_args(argv)
+    args.data_digest = ablate.data_digest(args)
+    unique = {json.dumps(ablate.run_key(v, 0, args), sort_keys=True)
               for name in QUICK_EXPERIMENTS for v in ablate.EXPERIMENTS[name][1]}
     assert len(records) == len(unique)  # the shared baseline trained once
     for r in records:
@@ -391,6 +394,9 @@ def test_quick_runs_every_model_kind_then_reuses_its_results(tmp_path, monkeypat
         raise AssertionError("a stored result was trained again")
     monkeypatch.setattr(train, "main", no_training)
     assert ablate.main(argv) == tables
+    monkeypatch.setattr(ablate, "data_digest", lambda args: "other pixels")
+    with pytest.raises(AssertionError, match="trained again"):
+        ablate.main(argv)
     monkeypatch.undo()
 
     cnn = next(r for r in records if r["net"] == "cnn")
