@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import checkpoints
+import bits
 import data
 import jet
 import presets
@@ -517,17 +517,6 @@ def run_flags(v: Variant, quick: bool) -> dict:
 # ------------------------------------------------------------------------------------------
 # Running: each (variant, seed) is one train.py run for budget / (train FLOPs x batch) steps
 
-def data_digest(args) -> str:
-    """sha256 of the dataset's images and labels as loaded: a result measured on other pixels
-    under the same --dataset name (a JPEG-decoded copy of CIFAR-10 replaced by the lossless
-    one) is never read back as this data's."""
-    arrays = data.load(args.dataset, args.data_dir, md5=args.data_md5)
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        digest.update(name.encode() + np.ascontiguousarray(arrays[name]).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def run_key(v: Variant, seed: int, args) -> dict:
     """What determines a run's result (not its name): runs with equal keys are shared. The
     multiscale fields appear only when set, so single-scale runs keep their stored ids."""
@@ -610,57 +599,6 @@ def table(claim: str, rows: list[tuple[Variant, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------
-# Where the bits go: a trained flow's bits/dim split by pixel (--where_bits WORKDIR)
-
-
-def bits_by_dimension(params, perms, x, cfg: jet.Config) -> dict[str, jax.Array]:
-    """jet.plain_forward's loop tracking each dimension's log-scales, all [B, H, W, C]: "bits"
-    it costs (their mean is bits_per_dim), "expansion" (its log-scales, in bits), "room" (the
-    couplings that transform it, 1 bit each at k = 2), "saturated" (its scales past 0.99 k)."""
-    h = jet.patchify(x, cfg.patch_size)  # [B, N, D]
-    logs, room, saturated = jnp.zeros_like(h), jnp.zeros_like(h[:1]), jnp.zeros_like(h)
-    for i in range(cfg.depth):
-        p = jax.tree.map(lambda leaf: leaf[i], params)
-        (x1, x2), (l1, l2), (s1, s2) = (jet.split(v, perms[i]) for v in (h, logs, saturated))
-        b, s = jet.coupling_net(p, x1)
-        scale, _ = jet.coupling_scale(s, cfg.scale_factor)
-        h = jet.merge(x1, (x2 + b) * scale, perms[i])
-        logs = jet.merge(l1, l2 + jnp.log(scale), perms[i])
-        saturated = jet.merge(s1, s2 + (scale > 0.99 * cfg.scale_factor), perms[i])
-        room = room + jet.merge(jnp.zeros_like(x1[:1]), jnp.ones_like(x2[:1]), perms[i])
-    z, logs, saturated, room = (jet.unpatchify(v, cfg.patch_size, cfg.image_shape)
-                                for v in (h, logs, saturated, room))
-    nats = 0.5 * jnp.square(z) + 0.5 * math.log(2 * math.pi) + math.log(127.5) - logs
-    return {"bits": nats / math.log(2), "expansion": logs / math.log(2),
-            "room": jnp.broadcast_to(room, x.shape), "saturated": saturated / room}
-
-
-def where_bits(args) -> str:
-    """--where_bits: a run's bits/dim on --images test images, exact zeros against the rest."""
-    path = os.path.join(args.where_bits, "checkpoint.npz")
-    arrays, meta = checkpoints.read(path)
-    cfg = jet.Config(**meta["config"])
-    if cfg.context_dim:
-        raise ValueError(f"{path} is a conditional model; --where_bits reads unconditional ones.")
-    state = checkpoints.restore(arrays, checkpoints.state_template(cfg, None), path)
-    images = data.load(meta["flags"]["dataset"], args.data_dir)["test"][:args.images]
-    x = jet.dequantize(jax.random.key(0), jnp.asarray(images))
-    out = jax.jit(bits_by_dimension, static_argnums=3)(state["params"], state["perms"], x, cfg)
-    zero = images == 0
-    rows = [f"{args.where_bits} (step {meta['step']}, {len(images)} test images): "
-            f"{float(out['bits'].mean()):.3f} bits/dim", "",
-            "| pixels | share | bits each | expansion, bits | room, bits | saturated scales |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    for name, mask in (("exactly 0", zero), ("1 to 255", ~zero)):
-        if mask.any():
-            bits, gain, room, sat = (float(np.asarray(out[k])[mask].mean())
-                                     for k in ("bits", "expansion", "room", "saturated"))
-            rows.append(f"| {name} | {mask.mean():.3f} | {bits:.3f} | {gain:.2f} | {room:.1f} "
-                        f"| {sat:.3f} |")
-    return "\n".join(rows)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -690,7 +628,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict[str, str]:
     args = parse_args(argv)
     if args.where_bits:
-        print(report := where_bits(args))
+        print(report := bits.where_bits(args.where_bits, args.images, args.data_dir))
         return {"where_bits": report}
     names = args.experiment or list(EXPERIMENTS)
     if args.list:
@@ -700,7 +638,8 @@ def main(argv=None) -> dict[str, str]:
             for v in variants:
                 print(f"  - {v.name}")
         return {}
-    image_shape, args.data_digest = data.image_shape(args.dataset), data_digest(args)
+    image_shape = data.image_shape(args.dataset)
+    args.data_digest = data.digest(data.load(args.dataset, args.data_dir, md5=args.data_md5))
     tables, start = {}, time.time()
     for name in names:
         claim, variants = EXPERIMENTS[name]

@@ -356,6 +356,14 @@ def load(name: str, data_dir: str | None = None, *, url: str | None = None,
     raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(NAMES)}.")
 
 
+def digest(dataset: dict[str, np.ndarray]) -> str:
+    """A short sha256 of a loaded dataset's arrays (names, then bytes): the same name with other
+    pixels (CIFAR-10 decoded from a JPEG copy, say) gets another digest."""
+    h = hashlib.sha256()
+    for name in sorted(dataset):
+        h.update(name.encode() + np.ascontiguousarray(dataset[name]).tobytes())
+    return h.hexdigest()[:16]
+
 NUM_CLASSES = {"cifar10": 10, "mnist": 10, "fashion_mnist": 10, "imagenet32": 1000,
                "imagenet64": 1000, "synthetic": 10}
 IMAGE_SHAPES = {"cifar10": (32, 32, 3), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1),

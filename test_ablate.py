@@ -16,7 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ablate
+import bits
 import checkpoints
+import data
 import jet
 import presets
 import timing
@@ -380,7 +382,7 @@ def test_quick_runs_every_model_kind_then_reuses_its_results(tmp_path, monkeypat
     with open(tmp_path / "results.jsonl") as f:
         records = [json.loads(line) for line in f]
     args = ablate.parse_args(argv)
-    args.data_digest = ablate.data_digest(args)
+    args.data_digest = data.digest(data.load("synthetic"))
     unique = {json.dumps(ablate.run_key(v, 0, args), sort_keys=True)
               for name in QUICK_EXPERIMENTS for v in ablate.EXPERIMENTS[name][1]}
     assert len(records) == len(unique)  # the shared baseline trained once
@@ -394,7 +396,7 @@ def test_quick_runs_every_model_kind_then_reuses_its_results(tmp_path, monkeypat
         raise AssertionError("a stored result was trained again")
     monkeypatch.setattr(train, "main", no_training)
     assert ablate.main(argv) == tables
-    monkeypatch.setattr(ablate, "data_digest", lambda args: "other pixels")
+    monkeypatch.setattr(data, "digest", lambda dataset: "other pixels")
     with pytest.raises(AssertionError, match="trained again"):
         ablate.main(argv)
     monkeypatch.undo()
@@ -434,7 +436,7 @@ def test_bits_by_dimension_add_up_to_bits_per_dim(x64, cfg, seed):
     and its room counts the couplings that transform it (half the dimensions each)."""
     params, perms = random_params(cfg, seed, np.float64)
     x = images(jax.random.key(seed), cfg, dtype=jnp.float64)
-    out = ablate.bits_by_dimension(params, perms, x, cfg)
+    out = bits.bits_by_dimension(params, perms, x, cfg)
     z, logdet = jet.plain_forward(params, perms, x, cfg)
     np.testing.assert_allclose(out["bits"].mean((1, 2, 3)), jet.bits_per_dim(z, logdet),
                                rtol=1e-10)
