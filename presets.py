@@ -133,7 +133,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     a("--epochs", type=float, help="training epochs (drop-remainder batches)")
     a("--time_budget", type=float, metavar="MINUTES", help="size the run to this wall time on "
       "this machine, compilation and evaluations included: the step count is set from timed "
-      "steps before training, re-timed on a fixed cadence through the first third of the run "
+      "steps before training, re-timed on a fixed cadence through the first half of the run "
       "and stored, so a resumed run is exact")
     a("--lr", type=float, help=f"peak learning rate (default {RECIPE['lr']})")
     a("--warmup", type=float, help="fraction of steps of linear warmup before cosine decay")

@@ -989,6 +989,26 @@ def test_a_new_step_pauses_the_clock_only_for_its_compilation(monkeypatch):
     assert clock["paused"] == pytest.approx(5.0)
 
 
+def test_the_timing_phase_prices_every_evaluated_image(monkeypatch):
+    """time_machine's cost of an evaluated image: evaluate(n) evaluates n images of the
+    held-out set and n of the training slice (at most its 500) at 2 ms each, and says how many
+    that was; a step takes 0.1 s. The price is 2 ms, not the 4 ms of dividing by n."""
+    now = [0.0]
+
+    def step(i):
+        now[0] += 0.1
+
+    def evaluate(n):
+        count = min(n, 1000) + min(n, 500)
+        now[0] += 0.002 * count
+        return count
+    monkeypatch.setattr(timing.time, "time", lambda: now[0])
+    monkeypatch.setattr(timing.jax, "block_until_ready", lambda x: x)
+    measured = timing.time_machine(step, evaluate, lambda: None, 10, 1.0)
+    assert measured["step_s"] == pytest.approx(0.1)
+    assert measured["image_s"] == pytest.approx(0.002)
+
+
 def test_a_budget_keeps_evaluations_to_a_share_of_it(monkeypatch, capsys):
     """The plan of a budget: 30 minutes fit six evaluations of 25 s; 8 minutes only one (at
     most a tenth of the budget goes to them), and a conditional model's last evaluation

@@ -114,7 +114,7 @@ def steps_per_s(clock: dict, step: int) -> float:
 # checkpoint interval of the plan) through the first RETIME_UNTIL of the run, the count is
 # corrected when it is more than RETIME_CHANGE off, by at most RETIME_MAX at once (the
 # learning-rate schedule, which depends on it, then moves smoothly).
-BUDGET_USED, RETIME_UNTIL, RETIME_CHANGE, RETIME_MAX = 0.95, 1 / 3, 0.02, 0.25
+BUDGET_USED, RETIME_UNTIL, RETIME_CHANGE, RETIME_MAX = 0.95, 1 / 2, 0.02, 0.25
 EVALS = 6  # evaluations in a budgeted run at most; 30 checkpoints, 100 log lines
 EVAL_SHARE, FINAL_SHARE = 0.1, 0.15  # of a budget, for the periodic evaluations and for the
 # last evaluation's classification by likelihood (a conditional model's: a pass per class)
@@ -122,10 +122,11 @@ EVAL_SHARE, FINAL_SHARE = 0.1, 0.15  # of a budget, for the periodic evaluations
 
 def time_machine(step, evaluate, grid, eval_images: int, seconds: float) -> dict:
     """Times this machine for a budget: step(i) dispatches training step i and returns its
-    output; evaluate(n) evaluates the first n images of every periodic set; grid() draws a
-    sample grid. Each is called once to compile, then timed warm: the steps and the evaluation
-    for about `seconds` each, the steps dispatched back to back as the training loop does.
-    Returns seconds of compilation, a step, an evaluated image and a grid."""
+    output; evaluate(n) evaluates the first n images of every periodic set and returns how
+    many images that was in all; grid() draws a sample grid. Each is called once to compile,
+    then timed warm: the steps and the evaluation for about `seconds` each, the steps
+    dispatched back to back as the training loop does. Returns seconds of compilation, a
+    step, an evaluated image and a grid."""
     t0 = time.time()
     jax.block_until_ready(step(0))
     compile_s = time.time() - t0
@@ -141,8 +142,8 @@ def time_machine(step, evaluate, grid, eval_images: int, seconds: float) -> dict
     evaluate(eval_images)
     n = max(eval_images, int(eval_images * seconds / (time.time() - t0)))  # ~`seconds` more
     t0 = time.time()
-    evaluate(n)
-    image_s = (time.time() - t0) / n
+    count = evaluate(n)  # every set's images: the held-out set's and the training slice's
+    image_s = (time.time() - t0) / count
     grid()  # compiles
     t0 = time.time()
     grid()
@@ -183,6 +184,7 @@ def plan_budget(run: dict, step_fn, state: dict, model: dict, grid) -> dict:
     def evaluate(n):
         for name in (held, "train"):
             evaluators[name](model, keys["eval"], limit=n)
+        return sum(min(n, evaluators[name].size) for name in (held, "train"))
     seconds = min(5.0, 0.01 * 60 * f["time_budget"])
     measured = time_machine(step, evaluate, grid, 2 * f["eval_batch_size"], seconds)
     if cfg.context_dim:  # the last evaluation's classification: compiled, then timed

@@ -252,7 +252,7 @@ def train(run: dict, state: dict, step: int, plan: dict | None) -> dict:
     --log_every steps (a shorter one when PROGRESS_SECONDS pass without one); an evaluation
     every --eval_every; a checkpoint every --ckpt_every; each also at the last step. Asked to
     stop (SIGTERM, Ctrl-C), it checkpoints the step just taken and exits. A budgeted run
-    (plan) is re-timed through the first third of its steps."""
+    (plan) is re-timed through the first half of its steps."""
     f, cfg, put = run["f"], run["cfg"], run["put_batch"]
     images, labels = run["sets"]["train"], run["sets"].get("train_labels")
     noise_key, meta = run_keys(jax.random.wrap_key_data(state["rng"]))["noise"], run["meta"] or {}
