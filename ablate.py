@@ -517,12 +517,13 @@ def run_flags(v: Variant, quick: bool) -> dict:
 # ------------------------------------------------------------------------------------------
 # Running: each (variant, seed) is one train.py run for budget / (train FLOPs x batch) steps
 
-def run_key(v: Variant, seed: int, args) -> dict:
-    """What determines a run's result (not its name): runs with equal keys are shared. The
-    multiscale fields appear only when set, so single-scale runs keep their stored ids."""
+def run_key(v: Variant, seed: int, args, digest: str) -> dict:
+    """What determines a run's result (not its name), `digest` that of the images
+    (data.digest): runs with equal keys are shared. The multiscale fields appear only when
+    set, so single-scale runs keep their stored ids."""
     key = {"flags": run_flags(v, args.quick), "net": v.net, "cnn_blocks": v.cnn_blocks,
            "actnorm": v.actnorm, "dense": v.dense, "seed": seed, "budget": args.budget,
-           "dataset": args.dataset, "data": args.data_digest, "quick": args.quick}
+           "dataset": args.dataset, "data": digest, "quick": args.quick}
     if v.multiscale:
         key |= {"multiscale": v.multiscale, "factor_after": v.factor_after}
     return key
@@ -536,9 +537,9 @@ def read_results(path: str) -> dict[str, dict]:
     return {r["id"]: r for r in records}
 
 
-def run_variant(v: Variant, seed: int, args, image_shape) -> dict:
+def run_variant(v: Variant, seed: int, args, image_shape, digest: str) -> dict:
     """Trains one (variant, seed) with train.main, or returns its stored result."""
-    key = run_key(v, seed, args)
+    key = run_key(v, seed, args, digest)
     run_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     results_path = os.path.join(args.workdir, "results.jsonl")
     done = read_results(results_path).get(run_id)
@@ -639,12 +640,12 @@ def main(argv=None) -> dict[str, str]:
                 print(f"  - {v.name}")
         return {}
     image_shape = data.image_shape(args.dataset)
-    args.data_digest = data.digest(data.load(args.dataset, args.data_dir, md5=args.data_md5))
+    digest = data.digest(data.load(args.dataset, args.data_dir, md5=args.data_md5))
     tables, start = {}, time.time()
     for name in names:
         claim, variants = EXPERIMENTS[name]
-        rows = [(v, [run_variant(v, seed, args, image_shape) for seed in range(args.seeds)])
-                for v in variants]
+        rows = [(v, [run_variant(v, seed, args, image_shape, digest)
+                     for seed in range(args.seeds)]) for v in variants]
         tables[name] = table(claim, rows)
         print(f"\n## {name}\n\n{tables[name]}\n", flush=True)
     print(f"ablate.py: {len(names)} experiment(s) in {timing.format_seconds(time.time() - start)}"

@@ -364,6 +364,7 @@ def digest(dataset: dict[str, np.ndarray]) -> str:
         h.update(name.encode() + np.ascontiguousarray(dataset[name]).tobytes())
     return h.hexdigest()[:16]
 
+
 NUM_CLASSES = {"cifar10": 10, "mnist": 10, "fashion_mnist": 10, "imagenet32": 1000,
                "imagenet64": 1000, "synthetic": 10}
 IMAGE_SHAPES = {"cifar10": (32, 32, 3), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1),

@@ -381,9 +381,8 @@ def test_quick_runs_every_model_kind_then_reuses_its_results(tmp_path, monkeypat
     assert set(tables) == set(QUICK_EXPERIMENTS)
     with open(tmp_path / "results.jsonl") as f:
         records = [json.loads(line) for line in f]
-    args = ablate.parse_args(argv)
-    args.data_digest = data.digest(data.load("synthetic"))
-    unique = {json.dumps(ablate.run_key(v, 0, args), sort_keys=True)
+    args, digest = ablate.parse_args(argv), data.digest(data.load("synthetic"))
+    unique = {json.dumps(ablate.run_key(v, 0, args, digest), sort_keys=True)
               for name in QUICK_EXPERIMENTS for v in ablate.EXPERIMENTS[name][1]}
     assert len(records) == len(unique)  # the shared baseline trained once
     for r in records:
