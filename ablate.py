@@ -1,28 +1,25 @@
-"""Why Jet looks the way it does: the paper's design findings, checked in the small on a CPU.
+"""Why Jet looks the way it does: the paper's design findings, checked on a CPU across compute.
 
 Each experiment trains variants of a fixed model (ABLATION_BASE: train.py's `cpu` preset as it
-was when docs/ablations.md was measured) for an equal number of training
-FLOPs (computed from each variant's configuration: 3x the forward pass's matmul and
-convolution FLOPs per image), with several seeds, and prints a markdown table.
+was when the study began) for an equal number of training FLOPs (computed from each variant's
+configuration: 3x the forward pass's matmul and convolution FLOPs per image), at each of
+several budgets, with 2 seeds (a third where two rows are too close to call), and reports a
+markdown table and an SVG picture (test bits/dim against training FLOPs) per experiment.
 
   python ablate.py --list
-  python ablate.py --experiment coupling_net [--data_dir DIR] [--budget TFLOP] [--seeds N]
-  python ablate.py --quick           # seconds: every experiment, tiny models, synthetic data
+  python ablate.py [--experiment NAME] [--budgets 1,4,16] [--costs]   # runs, then the report
+  python ablate.py --report          # seconds: every table and picture, from the results alone
+  python ablate.py --quick           # seconds: the whole path, tiny models, synthetic data
   python ablate.py --where_bits RUN  # a trained run's bits/dim: exact zeros against the rest
 
-Training, data and evaluation are train.py's (train.main with a `model`); this file only
-adds what jet.py deliberately leaves out: a CNN coupling network, the bijections earlier
-flows put between couplings (ActNorm, an invertible dense layer over each token's D values),
-and multiscale factoring (Real NVP, Glow: half of each token's dims leave the flow part-way).
-Results are appended to <workdir>/results.jsonl; a run already there (same variant flags,
-seed, budget, dataset, and a digest of its images) is read back instead of trained again, so
-an interrupted experiment resumes where it stopped and experiments share their common
-baseline runs.
+Training, data and evaluation are train.py's (train.main with a `model`); the flows Jet leaves
+out are in variants.py. Each finished run is one line of docs/ablations/results.jsonl (commit
+it as the study goes); a run already there (same variant flags, seed, budget, dataset, and a
+digest of its images) is read back instead of trained again, so an interrupted study resumes
+where it stopped, on this machine or another, and experiments share their common baseline.
 """
 
 import argparse
-import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -31,470 +28,61 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import bits
 import data
 import jet
+import pictures
 import presets
 import timing
 import train
-
-HIGHEST = jax.lax.Precision.HIGHEST
-
-
-# ------------------------------------------------------------------------------------------
-# A CNN coupling network, interchangeable with the ViT (jet.coupling_net): x1 -> (b, s)
-
-def init_cnn(key, cfg: jet.Config, width: int, blocks: int, dtype=jnp.float32) -> dict:
-    """One coupling's CNN: 1x1 projection of (x1, mask) to `width` channels, `blocks` residual
-    blocks of two 3x3 convolutions, LayerNorm, zero 1x1 projection to (b, s): identity at init."""
-    D = cfg.token_dim
-    k_in, k_blocks, k_out = jax.random.split(key, 3)
-    conv_init = jax.nn.initializers.lecun_normal()  # flax nn.Conv default, fans include 3x3
-
-    def block(k):
-        k1, k2 = jax.random.split(k)
-        conv = lambda k: {"kernel": conv_init(k, (3, 3, width, width), dtype),  # noqa: E731
-                          "bias": jnp.zeros((width,), dtype)}
-        return {"ln1": jet.init_layer_norm(width, dtype), "conv1": conv(k1),
-                "ln2": jet.init_layer_norm(width, dtype), "conv2": conv(k2)}
-    return {"in": jet.init_dense(k_in, 2 * D, width, dtype=dtype),
-            "blocks": jax.vmap(block)(jax.random.split(k_blocks, blocks)),
-            "norm": jet.init_layer_norm(width, dtype),
-            "out": jet.init_dense(k_out, width, 2 * D, jax.nn.initializers.zeros, dtype=dtype)}
-
-
-def conv3x3(p, h, grid):
-    """[B, N, W] read as the (H/P, W/P) patch grid -> [B, N, W'], zero ('SAME') padding.
-    As one matmul over the 9 shifted copies of h (im2col): on CPUs several times faster than
-    lax.conv for these few channels, and the same FLOPs."""
-    (B, N, W), (nh, nw) = h.shape, grid
-    padded = jnp.pad(h.reshape(B, nh, nw, W), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    shifted = [padded[:, i:i + nh, j:j + nw] for i in range(3) for j in range(3)]
-    patches = jnp.concatenate(shifted, axis=-1).reshape(B, N, 9 * W)  # (i, j, channel) order
-    kernel = p["kernel"].reshape(9 * W, -1)  # HWIO [3, 3, W, W'] in the same order
-    return jet.dense({"kernel": kernel, "bias": p["bias"]}, patches)
-
-
-def cnn_net(p, x1, index, grid):
-    """x1 [B, N, D/2] -> b, s [B, N, D/2], as jet.coupling_net. x1 goes back to its places on
-    the patch grid [B, N, D] with x2's places zero, beside a 0/1 mask of which is which (Real
-    NVP's masked convolution, so spatial couplings stay spatial); b, s are read at x2's places."""
-    zeros = jnp.zeros_like(x1)
-    h = jet.merge(x1, zeros, index)  # [B, N, D]
-    mask = jnp.broadcast_to(jet.merge(jnp.ones_like(x1[:1]), zeros[:1], index), h.shape)
-    h = jet.dense(p["in"], jnp.concatenate([h, mask], axis=-1))  # [B, N, 2D] -> [B, N, W]
-    for i in range(p["blocks"]["ln1"]["scale"].shape[0]):
-        q = jax.tree.map(lambda a: a[i], p["blocks"])
-        r = conv3x3(q["conv1"], jax.nn.relu(jet.layer_norm(q["ln1"], h)), grid)
-        h = h + conv3x3(q["conv2"], jax.nn.relu(jet.layer_norm(q["ln2"], r)), grid)
-    out = jet.dense(p["out"], jax.nn.relu(jet.layer_norm(p["norm"], h)))  # [B, N, 2D]
-    b, s = jnp.split(out, 2, axis=-1)  # each [B, N, D], one value per place on the grid
-    return jet.split(b, index)[1], jet.split(s, index)[1]  # x2's places: [B, N, D/2]
-
-
-def cnn_flops(cfg: jet.Config, width: int, blocks: int) -> int:
-    """Forward FLOPs (2x multiply-adds) of one coupling's CNN on one image."""
-    N, D = cfg.num_tokens, cfg.token_dim
-    return 2 * N * (2 * D * width + blocks * 2 * 9 * width * width + width * 2 * D)
-
-
-def cnn_width(cfg: jet.Config, blocks: int) -> int:
-    """The width whose CNN costs closest to the ViT it replaces (FLOPs per coupling)."""
-    vit = timing.forward_flops(cfg) / cfg.depth
-    return min(range(1, 1025), key=lambda w: abs(cnn_flops(cfg, w, blocks) - vit))
+from variants import Variant, forward_flops, make_model
 
 
 # ------------------------------------------------------------------------------------------
-# Bijections Jet removed, each on the flow's tokens [B, N, D] with its log-det [B]
+# Experiments: one per claim of the paper, each at the budgets that answer it
 
-def init_actnorm(cfg: jet.Config, dtype=jnp.float32) -> dict:
-    D = cfg.token_dim
-    return {"bias": jnp.zeros((D,), dtype), "log_scale": jnp.zeros((D,), dtype)}
-
-
-def actnorm_forward(p, h):
-    """Glow's ActNorm: y = (h + bias) * exp(log_scale), one pair per token dim (shared by the N
-    tokens, as Glow shares it over pixels); log|det| = N * sum(log_scale)."""
-    B, N, _ = h.shape
-    y = (h + p["bias"][None, None]) * jnp.exp(p["log_scale"])[None, None]
-    return y, jnp.full((B,), N * p["log_scale"].sum())
-
-
-def actnorm_inverse(p, y):
-    B, N, _ = y.shape
-    h = y * jnp.exp(-p["log_scale"])[None, None] - p["bias"][None, None]
-    return h, jnp.full((B,), -N * p["log_scale"].sum())
-
-
-def actnorm_data_init(h) -> dict:
-    """Glow's data-dependent init: the ActNorm's output on batch h [B, N, D] has zero mean and
-    unit variance in every dim."""
-    return {"bias": -h.mean((0, 1)), "log_scale": -jnp.log(h.std((0, 1)) + 1e-6)}
-
-
-def init_token_dense(key, cfg: jet.Config, dtype=jnp.float32) -> dict:
-    """A random rotation of the D dims: invertible, log|det| = 0 at init."""
-    D = cfg.token_dim
-    return {"kernel": jax.nn.initializers.orthogonal()(key, (D, D), dtype)}
-
-
-def token_dense_forward(p, h):
-    """Invertible dense layer over each token's D values (Glow's 1x1 convolution on patches):
-    y = h W; log|det| = N * log|det W| (explicit slogdet: D x D is small)."""
-    N = h.shape[1]
-    y = jnp.einsum("bnd,de->bne", h, p["kernel"], precision=HIGHEST)
-    return y, jnp.full((h.shape[0],), N * jnp.linalg.slogdet(p["kernel"])[1])
-
-
-def token_dense_inverse(p, y):
-    N = y.shape[1]
-    h = jnp.einsum("bne,ed->bnd", y, jnp.linalg.inv(p["kernel"]), precision=HIGHEST)
-    return h, jnp.full((y.shape[0],), -N * jnp.linalg.slogdet(p["kernel"])[1])
-
-
-# ------------------------------------------------------------------------------------------
-# Variants and the flow they define: [ActNorm] [dense] coupling, repeated `depth` times
-
-# How a multiscale flow scores the factored-out dims: "normal", a standard normal (Real NVP,
-# JetFormer); "split2d", a Gaussian whose mean and scale a layer reads from the kept dims (Glow).
-MULTISCALE_PRIORS = ("", "normal", "split2d")
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One arm of an experiment: train.py flags over ABLATION_BASE, plus what jet.py lacks."""
-
-    name: str
-    flags: tuple = ()  # (train.py flag, value) pairs, e.g. (("depth", 12), ("block_depth", 2))
-    net: str = "vit"  # the coupling network: "vit" (jet.coupling_net) or "cnn" (cnn_net)
-    cnn_blocks: int = 1  # residual blocks of the CNN; its width matches the ViT's FLOPs
-    actnorm: bool = False  # an ActNorm before every coupling
-    dense: bool = False  # an invertible dense layer over each token before every coupling
-    multiscale: str = ""  # factor out half of each token's dims: "normal" or "split2d" prior
-    factor_after: int | None = None  # couplings before the factoring; None: depth // 2
-
-    def __post_init__(self):
-        if self.multiscale not in MULTISCALE_PRIORS:
-            raise ValueError(f"Variant {self.name!r}: multiscale={self.multiscale!r} must be "
-                             f"one of {MULTISCALE_PRIORS} ('' is the single-scale flow).")
-        if self.multiscale and (self.net != "vit" or self.actnorm or self.dense):
-            raise ValueError(f"Variant {self.name!r}: multiscale factoring runs on the plain "
-                             "ViT flow only; drop net, actnorm and dense, or multiscale.")
-        if self.factor_after is not None and not self.multiscale:
-            raise ValueError(f"Variant {self.name!r}: factor_after={self.factor_after} needs "
-                             "multiscale='normal' or 'split2d'.")
-
-    @property
-    def is_jet(self) -> bool:
-        return self.net == "vit" and not (self.actnorm or self.dense or self.multiscale)
-
-
-def coupling_network(v: Variant, cfg: jet.Config, index):
-    if v.net == "vit":
-        return jet.coupling_net
-    return functools.partial(cnn_net, index=index, grid=cfg.grid)
-
-
-def init_flow(key, cfg: jet.Config, v: Variant) -> tuple[dict, jax.Array]:
-    """Params with a leading [depth] axis, as jet.init's, and jet's split indices."""
-    k_params, k_perms = jax.random.split(key)  # as jet.init
-    keys = jax.random.split(k_params, cfg.depth)
-    if v.net == "vit":
-        couplings = jax.vmap(lambda k: jet.init_coupling_net(k, cfg))(keys)
-    else:
-        width = cnn_width(cfg, v.cnn_blocks)
-        couplings = jax.vmap(lambda k: init_cnn(k, cfg, width, v.cnn_blocks))(keys)
-    params = {"coupling": couplings}
-    if v.actnorm:
-        params["actnorm"] = jax.vmap(lambda _: init_actnorm(cfg))(keys)
-    if v.dense:
-        dense_keys = jax.random.split(jax.random.fold_in(k_params, 1), cfg.depth)
-        params["dense"] = jax.vmap(lambda k: init_token_dense(k, cfg))(dense_keys)
-    return params, jet.init_perms(k_perms, cfg)
-
-
-def _check_dtype(compute_dtype):
-    if compute_dtype is not None:
-        raise ValueError("ablation variants run in float32 only; drop --dtype.")
-
-
-def layer_forward(p, index, h, cfg: jet.Config, v: Variant):
-    """[ActNorm] -> [dense] -> coupling on h [B, N, D]; returns y, log|det| [B]."""
-    logdet = jnp.zeros((h.shape[0],), h.dtype)
-    for name, bijection in (("actnorm", actnorm_forward), ("dense", token_dense_forward)):
-        if name in p:
-            h, ld = bijection(p[name], h)
-            logdet = logdet + ld
-    y, ld = jet.coupling_forward(p["coupling"], index, h, cfg.scale_factor,
-                                 coupling_network(v, cfg, index))
-    return y, logdet + ld
-
-
-def layer_inverse(p, index, y, cfg: jet.Config, v: Variant):
-    """The exact inverse of layer_forward, in reverse order."""
-    h, logdet = jet.coupling_inverse(p["coupling"], index, y, cfg.scale_factor,
-                                     coupling_network(v, cfg, index))
-    for name, bijection in (("dense", token_dense_inverse), ("actnorm", actnorm_inverse)):
-        if name in p:
-            h, ld = bijection(p[name], h)
-            logdet = logdet + ld
-    return h, logdet
-
-
-def coupling_scan(params, indices, h, k, coupling, remat=False, reverse=False):
-    """h [B, N, D'] through the couplings params[i] with split indices indices[i] [L, N*D'], in
-    order (reverse: last first, for the inverse); returns h and the summed log-det [B]."""
-    def step(h, layer):
-        p, index = layer
-        return coupling(p, index, h, k)
-    step = jax.checkpoint(step, policy=jet.remat_policy(remat))
-    h, logdets = jax.lax.scan(step, h, (params, indices), reverse=reverse)  # logdets [L, B]
-    return h, logdets.sum(0)
-
-
-def flow_forward(params, perms, x, cfg: jet.Config, remat=False, compute_dtype=None, *,
-                 v: Variant):
-    """x [B, H, W, C] -> z, log|det dz/dx| [B]: layer_forward as each of jet's couplings, in one
-    scan; jet.forward's signature (for train.py)."""
-    _check_dtype(compute_dtype)
-    jet.check_input(x, perms, cfg, "x")
-    h, logdet = coupling_scan(params, perms, jet.patchify(x, cfg.patch_size), cfg.scale_factor,
-                              lambda p, index, h, k: layer_forward(p, index, h, cfg, v), remat)
-    return jet.unpatchify(h, cfg.patch_size, cfg.image_shape), logdet
-
-
-def flow_inverse(params, perms, z, cfg: jet.Config, compute_dtype=None, *, v: Variant):
-    _check_dtype(compute_dtype)
-    jet.check_input(z, perms, cfg, "z")
-    h, logdet = coupling_scan(params, perms, jet.patchify(z, cfg.patch_size), cfg.scale_factor,
-                              lambda p, index, y, k: layer_inverse(p, index, y, cfg, v),
-                              reverse=True)
-    return jet.unpatchify(h, cfg.patch_size, cfg.image_shape), logdet
-
-
-def flow_sample(params, perms, key, n, cfg: jet.Config, temperature=1.0, compute_dtype=None,
-                *, v: Variant, inverse=flow_inverse):
-    """As jet.sample, through `inverse` (flow_inverse, or multiscale_inverse)."""
-    z = temperature * jax.random.normal(key, (n, *cfg.image_shape))
-    x, _ = inverse(params, perms, z, cfg, compute_dtype, v=v)
-    return jet.quantize(x)
-
-
-def flow_data_init(params, perms, x, cfg: jet.Config, *, v: Variant) -> dict:
-    """Each ActNorm initialised from the batch x as it arrives there, in flow order (Glow)."""
-    layer = jax.jit(lambda p, index, h: layer_forward(p, index, h, cfg, v)[0])
-    h = jet.patchify(x, cfg.patch_size)
-    for i in range(cfg.depth):
-        init = actnorm_data_init(h)
-        params["actnorm"] = jax.tree.map(lambda a, b: a.at[i].set(b), params["actnorm"], init)
-        h = layer(jax.tree.map(lambda a: a[i], params), perms[i], h)
-    return params
-
-
-# ------------------------------------------------------------------------------------------
-# Multiscale factoring: F couplings on [B, N, D], then half of each token's dims leaves the
-# flow, then the other depth - F couplings on the kept [B, N, D/2]
-#
-# The whole is one bijection x [B, H, W, C] -> z [B, H, W, C] with N(0, I) on all of z, so
-# train.py's loss (jet.bits_per_dim) and sampling apply unchanged: z's tokens are (stage-2
-# output, eps), where eps is the factored-out half, standardised under its prior (Glow's
-# split2d: eps = (out - mean) / scale, whose log-det turns N(eps; 0, I) into N(out; mean, scale)).
-
-def factor_point(cfg: jet.Config, v: Variant) -> int:
-    """F, the number of couplings before the factoring, checked against the Config."""
-    F = cfg.depth // 2 if v.factor_after is None else v.factor_after
-    if not 1 <= F < cfg.depth:
-        raise ValueError(f"Variant {v.name!r}: factoring after {F} of depth={cfg.depth} "
-                         "couplings; it needs couplings on both sides (1 <= factor_after < "
-                         "depth): raise depth or change factor_after.")
-    if cfg.token_dim % 4:
-        raise ValueError(f"Variant {v.name!r}: the couplings after the factoring split the "
-                         f"kept D/2 = {cfg.token_dim // 2} dims of each token in two; use a "
-                         "patch_size and channel count with P*P*C divisible by 4.")
-    return F
-
-
-def multiscale_perms(key, cfg: jet.Config, F: int) -> jax.Array:
-    """int32 [depth, N*D]: one array of jet's shape rather than a pytree of two stages, because
-    train.py restores checkpoints into that shape (state_template), so multiscale runs resume,
-    evaluate and sample as jet's do. Rows :F are jet.init_perms's; row i >= F holds coupling
-    i's split index over the kept [N, D/2] tokens (channels: a random permutation of D/2 dims;
-    spatial: jet's pattern, on whole tokens) in its first N*D/2 entries, padded with
-    N*D/2 + arange(N*D/2) so that every row is still a permutation of N*D, as in jet."""
-    N, half = cfg.num_tokens, cfg.token_dim // 2
-    rows = []
-    for i, (kind, proj) in enumerate(cfg.couplings()[F:], start=F):
-        if kind == "channels":  # fold_in(key, i) as jet.init_perms, over D/2 dims
-            perm = jax.random.permutation(jax.random.fold_in(key, i), half)
-            rows.append(jet.channel_split_index(perm, N))
-        else:
-            mask = jet.spatial_pattern(proj, *cfg.grid).reshape(-1)
-            tokens = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
-            rows.append(jet.spatial_split_index(jnp.asarray(tokens), half))
-    rest = N * half + jnp.arange(N * half)  # the factored-out values: never read
-    stage2 = jnp.stack([jnp.concatenate([row, rest]) for row in rows])
-    return jnp.concatenate([jet.init_perms(key, cfg)[:F], stage2.astype(jnp.int32)])
-
-
-def init_narrow_coupling_net(key, cfg: jet.Config, width: int) -> dict:
-    """One coupling's ViT as jet.init_coupling_net, for tokens of `width` dims: its input layer
-    reads width/2 dims, its zero output layer writes b and s of width/2 each."""
-    k_net, k_in, k_out = jax.random.split(key, 3)
-    p = jet.init_coupling_net(k_net, cfg)
-    p["init_proj"] = jet.init_dense(k_in, width // 2, cfg.emb_dim)
-    p["final_proj"] = jet.init_dense(k_out, cfg.emb_dim, width, jax.nn.initializers.zeros)
-    return p
-
-
-def init_multiscale(key, cfg: jet.Config, v: Variant) -> tuple[dict, jax.Array]:
-    """Params {"stage1": [F] coupling nets, "stage2": [depth - F] narrow ones[, "split2d": a
-    zero dense layer D/2 -> D]} and multiscale_perms. At init the flow is the identity (k = 2)."""
-    F, D = factor_point(cfg, v), cfg.token_dim
-    k_params, k_perms = jax.random.split(key)  # as jet.init
-    keys = jax.random.split(k_params, cfg.depth)
-    params = {"stage1": jax.vmap(lambda k: jet.init_coupling_net(k, cfg))(keys[:F]),
-              "stage2": jax.vmap(lambda k: init_narrow_coupling_net(k, cfg, D // 2))(keys[F:])}
-    if v.multiscale == "split2d":  # zero: mean 0, scale 1 at init, as Glow's Conv2dZeros
-        params["split2d"] = jet.init_dense(jax.random.fold_in(k_params, 1), D // 2, D,
-                                           jax.nn.initializers.zeros)
-    return params, multiscale_perms(k_perms, cfg, F)
-
-
-def factor_out(p, h):
-    """h [B, N, D] -> kept [B, N, D/2], eps [B, N, D/2], log|det| [B]. The last D/2 dims of
-    each token leave, a fixed half as in Glow: the random permutations of the channel couplings
-    before it make no half special. p None: eps = out (standard normal prior); p a dense layer
-    (split2d): mean, log_scale = p(kept), eps = (out - mean) / exp(log_scale)."""
-    kept, out = jnp.split(h, 2, axis=-1)
-    if p is None:
-        return kept, out, jnp.zeros(h.shape[:1], h.dtype)
-    mean, log_scale = jnp.split(jet.dense(p, kept), 2, axis=-1)
-    return kept, (out - mean) * jnp.exp(-log_scale), -log_scale.sum((1, 2))
-
-
-def factor_in(p, kept, eps):
-    """The exact inverse of factor_out: kept, eps [B, N, D/2] -> h [B, N, D], log|det| [B]."""
-    if p is None:
-        return jnp.concatenate([kept, eps], axis=-1), jnp.zeros(kept.shape[:1], kept.dtype)
-    mean, log_scale = jnp.split(jet.dense(p, kept), 2, axis=-1)
-    out = eps * jnp.exp(log_scale) + mean
-    return jnp.concatenate([kept, out], axis=-1), log_scale.sum((1, 2))
-
-
-def multiscale_forward(params, perms, x, cfg: jet.Config, remat=False, compute_dtype=None, *,
-                       v: Variant):
-    """x [B, H, W, C] -> z [B, H, W, C], log|det dz/dx| [B]; jet.forward's signature."""
-    _check_dtype(compute_dtype)
-    jet.check_input(x, perms, cfg, "x")
-    F, P, k = factor_point(cfg, v), cfg.patch_size, cfg.scale_factor
-    half = cfg.num_tokens * cfg.token_dim // 2  # stage 2 reads this much of its perms rows
-    h, logdet1 = coupling_scan(params["stage1"], perms[:F], jet.patchify(x, P), k,
-                               jet.coupling_forward, remat)  # [B, N, D]
-    kept, eps, logdet2 = factor_out(params.get("split2d"), h)  # each [B, N, D/2]
-    y, logdet3 = coupling_scan(params["stage2"], perms[F:, :half], kept, k,
-                               jet.coupling_forward, remat)  # [B, N, D/2]
-    z = jet.unpatchify(jnp.concatenate([y, eps], axis=-1), P, cfg.image_shape)
-    return z, logdet1 + logdet2 + logdet3
-
-
-def multiscale_inverse(params, perms, z, cfg: jet.Config, compute_dtype=None, *, v: Variant):
-    """z [B, H, W, C] -> x, log|det dx/dz| [B]: multiscale_forward's steps undone, last first."""
-    _check_dtype(compute_dtype)
-    jet.check_input(z, perms, cfg, "z")
-    F, P, k = factor_point(cfg, v), cfg.patch_size, cfg.scale_factor
-    half = cfg.num_tokens * cfg.token_dim // 2
-    y, eps = jnp.split(jet.patchify(z, P), 2, axis=-1)  # each [B, N, D/2]
-    kept, logdet3 = coupling_scan(params["stage2"], perms[F:, :half], y, k,
-                                  jet.coupling_inverse, reverse=True)
-    h, logdet2 = factor_in(params.get("split2d"), kept, eps)  # [B, N, D]
-    x, logdet1 = coupling_scan(params["stage1"], perms[:F], h, k, jet.coupling_inverse,
-                               reverse=True)
-    return jet.unpatchify(x, P, cfg.image_shape), logdet3 + logdet2 + logdet1
-
-
-# ------------------------------------------------------------------------------------------
-# A variant as train.py's model, and its cost
-
-def model_name(v: Variant) -> str:
-    """Recorded in checkpoints: a workdir refuses to resume as another model."""
-    factor = f"+factor{v.factor_after or ''}-{v.multiscale}" if v.multiscale else ""
-    return (f"ablate:{v.net}{v.cnn_blocks if v.net == 'cnn' else ''}"
-            f"{'+actnorm' * v.actnorm}{'+dense' * v.dense}{factor}")
-
-
-def make_model(v: Variant) -> dict:
-    """What train.main trains for this variant: jet itself, or one of the flows above."""
-    if v.is_jet:
-        return train.JET
-    init, forward, inverse = ((init_multiscale, multiscale_forward, multiscale_inverse)
-                              if v.multiscale else (init_flow, flow_forward, flow_inverse))
-    model = {"name": model_name(v),
-             "init": functools.partial(init, v=v),
-             "forward": functools.partial(forward, v=v),
-             "sample": jax.jit(functools.partial(flow_sample, v=v, inverse=inverse),
-                               static_argnums=(3, 4, 6))}
-    if v.actnorm:
-        model["data_init"] = functools.partial(flow_data_init, v=v)
-    return model
-
-
-def forward_flops(cfg: jet.Config, v: Variant) -> int:
-    """Forward FLOPs per image: coupling networks, plus the dense layers' matmuls. A multiscale
-    flow's couplings after the factoring have input and output layers for D/2-wide tokens
-    (D/4 -> E and E -> D/2 instead of D/2 -> E and E -> D); split2d adds its D/2 -> D layer."""
-    N, D, E = cfg.num_tokens, cfg.token_dim, cfg.emb_dim
-    if v.net == "vit":
-        flops = timing.forward_flops(cfg)
-    else:
-        flops = cfg.depth * cnn_flops(cfg, cnn_width(cfg, v.cnn_blocks), v.cnn_blocks)
-    if v.multiscale:
-        flops -= 2 * (cfg.depth - factor_point(cfg, v)) * N * E * (D // 4 + D // 2)
-        flops += (v.multiscale == "split2d") * 2 * N * (D // 2) * D
-    return flops + v.dense * cfg.depth * 2 * N * D ** 2
-
-
-# ------------------------------------------------------------------------------------------
-# Experiments: one per claim of the paper
-
-SIX = ",".join(presets.ALL_SIX)
-OFFICIAL_KINDS = ",".join(["channels"] * 4 + ["spatial"])
+BUDGETS = (1.0, 4.0, 16.0)  # training TFLOP a run: about 0.12, 0.5 and 2 epochs of the base
+QUICK_BUDGETS = (2e-5, 8e-5)  # --quick: a few steps of its tiny models
 BASE = Variant("base: 24 couplings x 1 ViT block, width 32, P=4")
+# name: (claim, "all" budgets or the "middle" one, variants: the first is what the rest face)
 EXPERIMENTS = {
-    "coupling_net": ("ViT coupling networks beat CNN ones", (
+    "coupling_net": ("ViT coupling networks beat CNN ones", "all", (
         BASE,
         Variant("CNN, 1 residual block, FLOPs of the ViT", net="cnn"),
         Variant("CNN, 2 residual blocks, FLOPs of the ViT", net="cnn", cnn_blocks=2))),
-    "depth_tradeoff": ("at fixed compute, many couplings of depth-1 ViTs are unfavourable", (
+    "depth_tradeoff": ("at fixed compute, many couplings of depth-1 ViTs are unfavourable", "all", (
         BASE,
-        Variant("12 couplings x 2 blocks", (("depth", 12), ("block_depth", 2))),
-        Variant("8 couplings x 3 blocks", (("depth", 8), ("block_depth", 3))),
-        Variant("6 couplings x 4 blocks", (("depth", 6), ("block_depth", 4))))),
-    "coupling_kinds": ("mixing channel and spatial couplings beats one kind alone", (
+        Variant("48 couplings x 1 block", (("depth", 48),)),
+        Variant("24 couplings x 2 blocks", (("block_depth", 2),)),
+        Variant("12 couplings x 4 blocks", (("depth", 12), ("block_depth", 4))),
+        Variant("12 couplings x 2 blocks", (("depth", 12), ("block_depth", 2))))),
+    "coupling_kinds": ("mixing channel and spatial couplings beats one kind alone", "middle", (
         BASE,
         Variant("channel couplings only", (("kinds", "channels"),)),
         Variant("spatial couplings only, all six patterns",
-                (("kinds", "spatial"), ("spatial_projs", SIX))),
+                (("kinds", "spatial"), ("spatial_projs", jet.SPATIAL_PROJS))),
         Variant("official mix: 4 channel : 1 spatial, all six patterns",
-                (("kinds", OFFICIAL_KINDS), ("spatial_projs", SIX))))),
-    "removed_components": ("ActNorm and invertible dense layers bring Jet no gain", (
+                (("kinds", presets.OFFICIAL_KINDS), ("spatial_projs", jet.SPATIAL_PROJS))))),
+    "removed_components": ("ActNorm and invertible dense layers bring Jet no gain", "all", (
         BASE,
         Variant("+ ActNorm before each coupling", actnorm=True),
         Variant("+ invertible dense before each coupling", dense=True),
         Variant("+ both", actnorm=True, dense=True))),
-    "patch_size": ("patch size sets the token count, hence the cost of every ViT", (
-        Variant("P=8: 16 tokens of 192 dims", (("patch_size", 8),)),
+    "patch_size": ("patch size sets the token count, hence the cost of every ViT", "middle", (
         BASE,
+        Variant("P=8: 16 tokens of 192 dims", (("patch_size", 8),)),
         Variant("P=2: 256 tokens of 12 dims (the paper's token count)",
                 (("patch_size", 2),)))),
-    "multiscale": ("multiscale factoring brings Jet no gain", (
+    "multiscale": ("multiscale factoring brings Jet no gain", "all", (
         BASE,
         Variant("+ factor out half of each token's dims after 12 couplings, standard normal "
                 "(Real NVP)", multiscale="normal"),
         Variant("+ the same with Glow's split2d prior", multiscale="split2d"))),
 }
+# The cost table's extra row: the ViT on the variants' plain scan, beside jet.forward's path.
+PLAIN_VIT = Variant("base on the plain path (variants.flow_forward)", plain=True)
 # --quick: a seconds-long smoke run of the whole path on train.py's synthetic 16x16 images.
 QUICK = dict(emb_dim=8, num_heads=2, batch_size=8, eval_batch_size=128, log_every=1)
 
@@ -514,42 +102,47 @@ def run_flags(v: Variant, quick: bool) -> dict:
     return flags
 
 
-# ------------------------------------------------------------------------------------------
-# Running: each (variant, seed) is one train.py run for budget / (train FLOPs x batch) steps
+def experiment_budgets(when: str, budgets: tuple) -> tuple:
+    """The budgets an experiment runs at: all of them, or the middle one."""
+    return tuple(budgets) if when == "all" else (sorted(budgets)[len(budgets) // 2],)
 
-def run_key(v: Variant, seed: int, args, digest: str) -> dict:
+
+# ------------------------------------------------------------------------------------------
+# Running: each (variant, seed, budget) is one train.py run of budget / (FLOPs x batch) steps
+
+def run_key(v: Variant, seed: int, budget: float, args, digest: str) -> dict:
     """What determines a run's result (not its name), `digest` that of the images
-    (data.digest): runs with equal keys are shared. The multiscale fields appear only when
-    set, so single-scale runs keep their stored ids."""
+    (data.digest): runs with equal keys are shared. Fields a variant leaves at their defaults
+    (multiscale, plain) are left out, so the runs of other variants keep their ids."""
     key = {"flags": run_flags(v, args.quick), "net": v.net, "cnn_blocks": v.cnn_blocks,
-           "actnorm": v.actnorm, "dense": v.dense, "seed": seed, "budget": args.budget,
+           "actnorm": v.actnorm, "dense": v.dense, "seed": seed, "budget": budget,
            "dataset": args.dataset, "data": digest, "quick": args.quick}
     if v.multiscale:
         key |= {"multiscale": v.multiscale, "factor_after": v.factor_after}
-    return key
+    if v.plain:
+        key |= {"plain": True}
+    return json.loads(json.dumps(key))  # as read back from results.jsonl (tuples as lists)
 
 
-def read_results(path: str) -> dict[str, dict]:
+def read_results(path: str) -> list[dict]:
     if not os.path.exists(path):
-        return {}
+        return []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return {r["id"]: r for r in records}
+        return [json.loads(line) for line in f if line.strip()]
 
 
-def run_variant(v: Variant, seed: int, args, image_shape, digest: str) -> dict:
-    """Trains one (variant, seed) with train.main, or returns its stored result."""
-    key = run_key(v, seed, args, digest)
+def run_variant(v: Variant, seed: int, budget: float, args, image_shape, digest: str) -> dict:
+    """Trains one (variant, seed, budget) with train.main, or returns its stored result."""
+    key = run_key(v, seed, budget, args, digest)
     run_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    results_path = os.path.join(args.workdir, "results.jsonl")
-    done = read_results(results_path).get(run_id)
+    done = next((r for r in read_results(args.results) if r.get("id") == run_id), None)
     if done:
         return done
     flags = run_flags(v, args.quick)
     cfg = presets.make_config(flags, image_shape)
     flops = 3 * forward_flops(cfg, v)  # training step ~ forward + backward (2x forward)
     batch = int(flags["batch_size"])
-    steps = 2 if args.quick else max(1, round(args.budget * 1e12 / (flops * batch)))
+    steps = max(2, round(budget * 1e12 / (flops * batch)))
     workdir = os.path.join(args.workdir, "runs", run_id)
     argv = [f"--{k}={','.join(x) if isinstance(x, tuple) else x}" for k, x in flags.items()]
     argv += [f"--dataset={args.dataset}", f"--seed={seed}", f"--steps={steps}",
@@ -558,7 +151,7 @@ def run_variant(v: Variant, seed: int, args, image_shape, digest: str) -> dict:
              f"--workdir={workdir}"]
     argv += [f"--{k}={getattr(args, k)}" for k in ("data_dir", "data_md5")
              if getattr(args, k)]
-    print(f"\n=== {v.name} | seed {seed} | {steps} steps of {batch} | "
+    print(f"\n=== {v.name} | seed {seed} | {budget:g} TFLOP: {steps} steps of {batch} | "
           f"{flops * 1e-9:.3f} GFLOP per training image | {workdir}", flush=True)
     model = make_model(v)
     start = time.time()
@@ -570,35 +163,217 @@ def run_variant(v: Variant, seed: int, args, image_shape, digest: str) -> dict:
               "train_gflop_per_image": flops * 1e-9, "steps": steps, "batch_size": batch,
               "train_tflop": flops * steps * batch * 1e-12, "wall_s": wall,
               "test_bpd": out["test_bpd"], "train_eval_bpd": out["train_eval_bpd"], **key}
-    os.makedirs(args.workdir, exist_ok=True)
-    with open(results_path, "a") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    with open(args.results, "a") as f:  # one line a run, so a killed study loses one run
         f.write(json.dumps(record) + "\n")
     return record
 
 
-def table(claim: str, rows: list[tuple[Variant, list[dict]]]) -> str:
-    """Markdown: one row per variant, seeds aggregated (mean, and spread = max - min)."""
+def close_call(first: list[dict], runs: list[dict]) -> bool:
+    """A gap between two rows' means within twice the larger seed spread: too close to call
+    on their seeds, so both get one more."""
+    a, b = [r["test_bpd"] for r in first], [r["test_bpd"] for r in runs]
+    spread = max(max(a) - min(a), max(b) - min(b))
+    return abs(np.mean(a) - np.mean(b)) <= 2 * spread
+
+
+def run_study(names: list[str], args, image_shape, digest: str) -> None:
+    """Every run of the experiments `names`, the smallest budget first (so the pictures fill
+    in across compute as the study goes); a third seed where a row is a close call."""
+    run = lambda v, seed, budget: run_variant(v, seed, budget, args, image_shape, digest)  # noqa: E731
+    for budget in sorted(args.budgets):
+        for name in names:
+            claim, when, variants = EXPERIMENTS[name]
+            if budget not in experiment_budgets(when, args.budgets):
+                continue
+            runs = [[run(v, seed, budget) for seed in range(args.seeds)] for v in variants]
+            for v, rows in zip(variants[1:], runs[1:]):
+                if args.seeds >= 2 and close_call(runs[0], rows):
+                    run(variants[0], args.seeds, budget)
+                    run(v, args.seeds, budget)
+
+
+# ------------------------------------------------------------------------------------------
+# Cost: parameters, FLOPs, time and memory of one training step, measured on this machine
+
+def measure_cost(v: Variant, args, image_shape, steps: int = 10) -> dict:
+    """One variant's training step at its batch: parameters, forward GFLOP per image, median
+    ms per step over `steps` steps after compilation, and XLA's memory for the compiled step
+    (arguments, outputs and temporaries: the step's peak, on any machine of this kind)."""
+    flags = run_flags(v, args.quick)
+    cfg = presets.make_config(flags, image_shape)
+    model = make_model(v)
+    params, perms = model["init"](jax.random.key(0), cfg)
+    f = presets.RECIPE | flags | {"steps": 1000, "remat": False}
+    step_fn = train.make_train_step(cfg, f, model["forward"])
+    state = train.new_state(params, perms, train.make_optimizer(f))
+    batch = int(flags["batch_size"])
+    images = np.random.default_rng(0).integers(0, 256, (batch, *image_shape), np.uint8)
+    key = jax.random.key(0)
+    memory = step_fn.lower(state, images, 0, key).compile().memory_analysis()
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        state, metrics = step_fn(state, images, i, key)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    peak = math.nan if memory is None else (
+        memory.argument_size_in_bytes + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    return {"kind": "cost", "variant": v.name, "plain": v.plain, "batch_size": batch,
+            "params": sum(x.size for x in jax.tree.leaves(params)),
+            "gflop_per_image": forward_flops(cfg, v) * 1e-9,
+            "ms_per_step": 1e3 * float(np.median(times[1:])), "memory_mb": peak / 2 ** 20,
+            "key": run_key(v, 0, 0.0, args, "")}
+
+
+def measure_costs(names: list[str], args, image_shape) -> None:
+    """Each variant of the experiments once (and the ViT on the plain path), appended to the
+    results file as "cost" records; variants already measured are skipped."""
+    seen = {json.dumps(r["key"], sort_keys=True) for r in read_results(args.results)
+            if r.get("kind") == "cost"}
+    variants = [v for name in names for v in EXPERIMENTS[name][2]] + [PLAIN_VIT]
+    for v in variants:
+        key = json.dumps(run_key(v, 0, 0.0, args, ""), sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        record = measure_cost(v, args, image_shape)
+        print(f"{v.name}: {record['ms_per_step']:.1f} ms/step, {record['memory_mb']:.0f} MB",
+              flush=True)
+        with open(args.results, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------------------
+# The report: tables and pictures from the results file alone (no data, no training)
+
+def stored_runs(records: list[dict], v: Variant, budget: float, args, digest: str) -> list:
+    """v's runs at this budget on the images `digest`, by seed: records whose key is v's but
+    for the seed (a field run_key leaves out for v must be absent from the record too)."""
+    want = run_key(v, 0, budget, args, digest)
+    fields = (set(want) | {"multiscale", "factor_after", "plain"}) - {"seed"}
+    runs = [r for r in records if r.get("kind") != "cost"
+            and all(r.get(k) == want.get(k) for k in fields)]
+    return sorted(runs, key=lambda r: r["seed"])
+
+
+def the_digest(records: list[dict], args) -> str:
+    """The images the stored runs were trained on: one set, or the report would mix them."""
+    digests = {r["data"] for r in records if r.get("kind") != "cost"
+               and r["dataset"] == args.dataset and r["quick"] == args.quick}
+    if len(digests) > 1:
+        raise ValueError(f"{args.results} holds {args.dataset} runs on {len(digests)} different "
+                         f"image sets (digests {sorted(digests)}); keep one set's lines, or "
+                         "give each set its own --results file.")
+    return digests.pop() if digests else ""
+
+
+def mean_spread(runs: list[dict]) -> tuple[float, float]:
+    bpd = [r["test_bpd"] for r in runs]
+    return float(np.mean(bpd)), max(bpd) - min(bpd)
+
+
+def table(claim: str, rows: list[tuple[Variant, float, list[dict]]]) -> str:
+    """Markdown: one row per (variant, budget) with runs, seeds aggregated (mean, and spread =
+    max - min), each compared with the experiment's first variant at the same budget."""
     lines = [f"Claim: {claim}.", "",
-             "| variant | params | train GFLOP/img | steps | train TFLOP | wall/run | "
+             "| variant | TFLOP | params | train GFLOP/img | steps | wall/run | "
              "test bpd per seed | mean | spread | vs first row |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
-    first = None
-    for v, runs in rows:
-        bpd = [r["test_bpd"] for r in runs]
-        mean, spread = float(np.mean(bpd)), max(bpd) - min(bpd)
-        if first is None:
-            first, versus = (mean, spread), ""
+    firsts = {}
+    for v, budget, runs in sorted(rows, key=lambda row: row[1]):
+        if not runs:
+            continue
+        mean, spread = mean_spread(runs)
+        versus = ""
+        if budget not in firsts:
+            firsts[budget] = (mean, spread)
         else:
-            delta = mean - first[0]
-            beyond = abs(delta) > max(spread, first[1])
+            delta = mean - firsts[budget][0]
+            beyond = abs(delta) > max(spread, firsts[budget][1])
             versus = f"{delta:+.3f} ({'beyond' if beyond else 'within'} the seed spread)"
-        r = runs[0]
+        r, seeds = runs[0], " ".join(f"{x['test_bpd']:.3f}" for x in runs)
         lines.append(
-            f"| {v.name} | {r['params']:,} | {r['train_gflop_per_image']:.3f} | {r['steps']} "
-            f"| {r['train_tflop']:.2f} | {np.mean([r['wall_s'] for r in runs]) / 60:.1f} min "
-            f"| {' '.join(f'{b:.3f}' for b in bpd)} | {mean:.3f} | {spread:.3f} | {versus} |")
+            f"| {v.name} | {budget:g} | {r['params']:,} | {r['train_gflop_per_image']:.3f} "
+            f"| {r['steps']} | {np.mean([r['wall_s'] for r in runs]) / 60:.1f} min "
+            f"| {seeds} | {mean:.3f} | {spread:.3f} "
+            f"| {versus} |")
     return "\n".join(lines)
 
+
+def cost_table(records: list[dict], names: list[str], args, digest: str) -> str:
+    """Markdown: each variant's measured step beside its bits/dim at equal FLOPs (the largest
+    budget it ran at) and at equal wall-clock: its bits/dim interpolated, in log training time
+    (ms per step x steps), at the base's training time of that budget."""
+    costs = {json.dumps(r["key"], sort_keys=True): r for r in records if r.get("kind") == "cost"}
+    lines = ["| variant | params | GFLOP/img | ms/step | memory | TFLOP | bpd, equal FLOPs | "
+             "bpd, the base's training time |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: |"]
+    variants = list(dict.fromkeys(v for name in names for v in EXPERIMENTS[name][2]))
+    for v in variants + [PLAIN_VIT]:
+        cost = costs.get(json.dumps(run_key(v, 0, 0.0, args, ""), sort_keys=True))
+        if cost is None:
+            continue
+        curve = [(b, stored_runs(records, v, b, args, digest)) for b in sorted(args.budgets)]
+        curve = [(cost["ms_per_step"] * runs[0]["steps"] / 1e3, mean_spread(runs)[0], b)
+                 for b, runs in curve if runs]
+        top = max(curve, key=lambda c: c[2], default=None)
+        equal = ""
+        base_runs = stored_runs(records, BASE, top[2], args, digest) if top else []
+        base_cost = costs.get(json.dumps(run_key(BASE, 0, 0.0, args, ""), sort_keys=True))
+        if base_runs and base_cost and len(curve) >= 2:
+            equal = at_time(curve, base_cost["ms_per_step"] * base_runs[0]["steps"] / 1e3)
+        lines.append(f"| {v.name} | {cost['params']:,} | {cost['gflop_per_image']:.3f} | "
+                     f"{cost['ms_per_step']:.0f} | {cost['memory_mb']:.0f} MB | "
+                     f"{f'{top[2]:g}' if top else ''} | {f'{top[1]:.3f}' if top else ''} | "
+                     f"{equal} |")
+    return "\n".join(lines)
+
+
+def at_time(curve: list[tuple[float, float, float]], seconds: float) -> str:
+    """bits/dim at `seconds` of training, linear in log time between the two nearest of the
+    (seconds, bpd, budget) points; beyond them, extended from the end pair, marked '(extrap.)'."""
+    curve = sorted(curve)
+    i = min(max(np.searchsorted([c[0] for c in curve], seconds), 1), len(curve) - 1)
+    (t0, b0, _), (t1, b1, _) = curve[i - 1], curve[i]
+    bpd = b0 + (b1 - b0) * math.log(seconds / t0) / math.log(t1 / t0)
+    inside = curve[0][0] <= seconds <= curve[-1][0]
+    return f"{bpd:.3f}" + ("" if inside else " (extrap.)")
+
+
+def report(records: list[dict], names: list[str], args, digest: str | None = None) -> dict:
+    """Every table (markdown, returned and printed) and picture (SVG, in args.figures) of the
+    experiments `names` from the stored records alone."""
+    digest = the_digest(records, args) if digest is None else digest
+    os.makedirs(args.figures, exist_ok=True)
+    tables = {}
+    for name in names:
+        claim, when, variants = EXPERIMENTS[name]
+        rows = [(v, b, stored_runs(records, v, b, args, digest)) for v in variants
+                for b in experiment_budgets(when, args.budgets)]
+        tables[name] = table(claim, rows)
+        series = [(v.name, [(b, [r["test_bpd"] for r in runs]) for w, b, runs in rows
+                            if w == v and runs]) for v in variants]
+        pictures.write_study(os.path.join(args.figures, f"{name}.svg"), series,
+                             f"{name}: {claim}", "training TFLOP a run (log scale)")
+    if "depth_tradeoff" in names:
+        _, _, shapes = EXPERIMENTS["depth_tradeoff"]
+        series = [(f"{b:g} TFLOP", [(r[0]["train_gflop_per_image"] / 3, [x["test_bpd"] for x in r])
+                                    for v in shapes
+                                    if (r := stored_runs(records, v, b, args, digest))])
+                  for b in args.budgets]
+        pictures.write_study(os.path.join(args.figures, "depth_tradeoff_frontier.svg"), series,
+                             "couplings x ViT depth: bits/dim against the cost of an image",
+                             "forward GFLOP per image (log scale)")
+    tables["costs"] = cost_table(records, names, args, digest)
+    for name, text in tables.items():
+        print(f"\n## {name}\n\n{text}", flush=True)
+    return tables
+
+
+# ------------------------------------------------------------------------------------------
+# The command
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
@@ -607,52 +382,62 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--list", action="store_true", help="list the experiments and their variants, then exit")
     a("--experiment", action="append", choices=sorted(EXPERIMENTS),
       help="run this experiment (repeatable; default: all of them)")
-    a("--budget", type=float, default=4.0, metavar="TFLOP",
-      help="training TFLOPs per variant and seed (default 4: ~2.5 min each on 2 CPU cores)")
-    a("--seeds", type=int, default=2, help="seeds per variant (default 2)")
-    a("--quick", action="store_true", help="smoke run: 2 steps of tiny models on synthetic "
-      "data (seconds per variant), for the tests")
+    a("--budgets", type=presets.floats, metavar="TFLOP,...",
+      help=f"training TFLOPs a run, per variant and seed (default {','.join(map(str, BUDGETS))})")
+    a("--seeds", type=int, default=2, help="seeds per variant (default 2; a third where two "
+      "rows' gap is within twice their seeds' spread)")
+    a("--quick", action="store_true", help="smoke run: a few steps of tiny models on "
+      "synthetic data (seconds per variant), for the tests")
     a("--dataset", help="train.py --dataset (default cifar10; synthetic with --quick)")
     a("--data_dir", help="train.py --data_dir")
     a("--data_md5", help="train.py --data_md5 (a cifar10 archive you trust)")
-    a("--workdir", default="runs/ablate", help="results.jsonl and one folder per run")
+    a("--workdir", default="runs/ablate", help="one folder per run (checkpoints, metrics)")
+    a("--results", help="the study's results, one JSON line a run (default "
+      "docs/ablations/results.jsonl; with --quick, <workdir>/results.jsonl)")
+    a("--figures", help="where --report writes its pictures (default: beside --results)")
+    a("--report", action="store_true", help="only print the tables and write the pictures "
+      "from --results: no data, no training")
+    a("--costs", action="store_true", help="also time each variant's training step here and "
+      "store it for the cost table")
     a("--where_bits", metavar="RUN", help="instead: a trained run's bits, exact zeros vs the rest")
     a("--images", type=int, default=1000, help="test images for --where_bits (default 1000)")
     args = p.parse_args(argv)
     args.dataset = args.dataset or ("synthetic" if args.quick else "cifar10")
-    if not (args.budget > 0 and math.isfinite(args.budget)) or args.seeds < 1:
-        p.error(f"--budget must be a positive number and --seeds >= 1, got {args.budget} and "
-                f"{args.seeds}.")
+    args.budgets = tuple(args.budgets or (QUICK_BUDGETS if args.quick else BUDGETS))
+    args.results = args.results or (os.path.join(args.workdir, "results.jsonl") if args.quick
+                                    else os.path.join("docs", "ablations", "results.jsonl"))
+    args.figures = args.figures or os.path.dirname(os.path.abspath(args.results))
+    if not all(b > 0 and math.isfinite(b) for b in args.budgets) or args.seeds < 1:
+        p.error(f"--budgets must be positive numbers and --seeds >= 1, got "
+                f"{','.join(map(str, args.budgets))} and {args.seeds}.")
     return args
 
 
 def main(argv=None) -> dict[str, str]:
     args = parse_args(argv)
     if args.where_bits:
-        print(report := bits.where_bits(args.where_bits, args.images, args.data_dir))
-        return {"where_bits": report}
+        print(where := bits.where_bits(args.where_bits, args.images, args.data_dir))
+        return {"where_bits": where}
     names = args.experiment or list(EXPERIMENTS)
     if args.list:
         for name in names:
-            claim, variants = EXPERIMENTS[name]
-            print(f"{name}: {claim}")
+            claim, when, variants = EXPERIMENTS[name]
+            print(f"{name}: {claim} (at {', '.join(map(str, experiment_budgets(when, args.budgets)))}"
+                  " TFLOP)")
             for v in variants:
                 print(f"  - {v.name}")
         return {}
+    if args.report:
+        return report(read_results(args.results), names, args)
     image_shape = data.image_shape(args.dataset)
     digest = data.digest(data.load(args.dataset, args.data_dir, md5=args.data_md5))
-    tables, start = {}, time.time()
-    for name in names:
-        claim, variants = EXPERIMENTS[name]
-        rows = [(v, [run_variant(v, seed, args, image_shape, digest)
-                     for seed in range(args.seeds)]) for v in variants]
-        tables[name] = table(claim, rows)
-        print(f"\n## {name}\n\n{tables[name]}\n", flush=True)
+    start = time.time()
+    if args.costs:
+        measure_costs(names, args, image_shape)
+    run_study(names, args, image_shape, digest)
     print(f"ablate.py: {len(names)} experiment(s) in {timing.format_seconds(time.time() - start)}"
-          f" (runs already in {args.workdir}/results.jsonl were not repeated).")
-    for name in names:
-        print(f"\n## {name}\n\n{tables[name]}")
-    return tables
+          f" (runs already in {args.results} were not repeated).")
+    return report(read_results(args.results), names, args, digest)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import data
 import jet
 import presets
 import timing
 import train
 
-SHAPES = {"tiny": (32, 32, 3), "cpu": (32, 32, 3), "cifar10": (32, 32, 3),
-          "imagenet32": (32, 32, 3), "imagenet64": (64, 64, 3), "fashion_mnist": (28, 28, 1),
-          "fashion_mnist_cpu": (28, 28, 1)}
+def image_shape(preset: str) -> tuple[int, int, int]:
+    """The image shape of the dataset a preset is for: its own name's, else that of the dataset
+    whose CPU preset it is, else CIFAR-10's (tiny)."""
+    dataset = preset if preset in data.IMAGE_SHAPES else next(
+        (d for d, p in presets.CPU_PRESET.items() if p == preset), "cifar10")
+    return data.image_shape(dataset)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,7 +99,7 @@ def main(argv=None) -> dict:
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
     cfg, flags = presets.preset_settings(args.preset, overrides | {"steps": 1000},
-                                         args.image_shape or SHAPES[args.preset])
+                                         args.image_shape or image_shape(args.preset))
     batch, dtype = flags["batch_size"], presets.compute_dtype({"dtype": args.dtype})
     params, perms = jax.jit(jet.init, static_argnums=1)(jax.random.key(0), cfg)
     images = jax.device_put(

@@ -167,18 +167,22 @@ def spatial_split_index(tokens: jax.Array, token_dim: int) -> jax.Array:
     return (tokens[:, None] * token_dim + jnp.arange(token_dim)[None, :]).reshape(-1)
 
 
+def split_index(key: jax.Array, kind: str, proj: str, cfg: Config, token_dim: int) -> jax.Array:
+    """The split index [N*token_dim] of one coupling: a channel coupling's from a random
+    permutation (drawn from key) of each token's token_dim values, a spatial one's from its
+    pattern over the token grid."""
+    if kind == "channels":  # proj == "random"
+        return channel_split_index(jax.random.permutation(key, token_dim), cfg.num_tokens)
+    mask = spatial_pattern(proj, *cfg.grid).reshape(-1)
+    tokens = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
+    return spatial_split_index(jnp.asarray(tokens), token_dim)
+
+
 def init_perms(key: jax.Array, cfg: Config) -> jax.Array:
-    """int32 [depth, N*D]: row i is the split index of coupling i. Fixed, never trained."""
-    rows = []
-    for i, (kind, proj) in enumerate(cfg.couplings()):
-        if kind == "channels":  # proj == "random"
-            perm = jax.random.permutation(jax.random.fold_in(key, i), cfg.token_dim)
-            rows.append(channel_split_index(perm, cfg.num_tokens))
-        else:
-            mask = spatial_pattern(proj, *cfg.grid).reshape(-1)
-            tokens = np.concatenate([np.flatnonzero(mask), np.flatnonzero(~mask)])
-            rows.append(spatial_split_index(jnp.asarray(tokens), cfg.token_dim))
-    return jnp.stack(rows).astype(jnp.int32)
+    """int32 [depth, N*D]: row i is the split index of coupling i, its channel permutation drawn
+    from fold_in(key, i). Fixed, never trained."""
+    return jnp.stack([split_index(jax.random.fold_in(key, i), kind, proj, cfg, cfg.token_dim)
+                      for i, (kind, proj) in enumerate(cfg.couplings())]).astype(jnp.int32)
 
 
 def halves(x: jax.Array, num_tokens: int) -> tuple[jax.Array, jax.Array]:
@@ -467,13 +471,21 @@ def plain_forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config,
     check_input(x, perms, cfg, "x", context)
     h = patchify(x, cfg.patch_size)  # [B, N, D]
     logdet = jnp.zeros(x.shape[:1], x.dtype)
+    for h, coupling_logdet in plain_couplings(params, perms, h, cfg, context, affine):
+        logdet = logdet + coupling_logdet
+    return unpatchify(h, cfg.patch_size, cfg.image_shape), logdet
+
+
+def plain_couplings(params, perms, h, cfg: Config, context=None, affine=affine_forward):
+    """plain_forward's couplings on the tokens h [B, N, D], one at a time: yields, for each
+    coupling i in order, the tokens after it [B, N, D] and its log|det| [B] (inside.py draws
+    these intermediate states)."""
     for i in range(cfg.depth):
         p = jax.tree.map(lambda leaf: leaf[i], params)  # coupling i's ViT
         x1, x2 = split(h, perms[i])  # [B, N, D] -> 2 x [B, N, D/2]
-        y2, coupling_logdet = affine(p, x1, x2, cfg.scale_factor, context=context)
+        y2, logdet = affine(p, x1, x2, cfg.scale_factor, context=context)
         h = merge(x1, y2, perms[i])  # y1 = x1
-        logdet = logdet + coupling_logdet
-    return unpatchify(h, cfg.patch_size, cfg.image_shape), logdet
+        yield h, logdet
 
 
 def plain_inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config,
@@ -603,13 +615,15 @@ def bits_per_dim(z: jax.Array, logdet: jax.Array) -> jax.Array:
 # ---- Sampling ----------------------------------------------------------------------------
 
 def sample(params: dict, perms: jax.Array, key: jax.Array, n: int, cfg: Config,
-           temperature: float = 1.0, compute_dtype=None, context=None) -> jax.Array:
+           temperature: float = 1.0, compute_dtype=None, context=None,
+           flow_inverse=None) -> jax.Array:
     """n images, uint8 [n, H, W, C]: z ~ N(0, T^2 I), x = f^-1(z) in one parallel pass, then
     `quantize`d (clipped: flows put some mass outside [-1, 1]). A conditional model samples
-    image i given context[i], context [n, T_ctx, C_ctx] (e.g. one-hot classes)."""
+    image i given context[i], context [n, T_ctx, C_ctx] (e.g. one-hot classes). flow_inverse
+    replaces `inverse` with another flow's of the same signature (variants.py's)."""
     dtype = jax.tree.leaves(params)[0].dtype
     z = temperature * jax.random.normal(key, (n, *cfg.image_shape), dtype)
-    x, _ = inverse(params, perms, z, cfg, compute_dtype, context)
+    x, _ = (flow_inverse or inverse)(params, perms, z, cfg, compute_dtype, context)
     return quantize(x)
 
 

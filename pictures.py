@@ -133,3 +133,153 @@ def write_curve(metrics_path: str, path: str, title: str) -> None:
                      if f"baseline_{held_name}_bpd" in r), None)
     with open(path, "w") as f:
         f.write(curve_svg(train, held, held_name, baseline, title))
+
+
+# ------------------------------------------------------------------------------------------
+# A study across compute: bits/dim against a log-scale cost, one line per variant
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Round values (1, 2 or 5 times a power of ten; with 3 and 4 as well on a narrow range)
+    in [lo, hi] for a log axis."""
+    for mantissas in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 7)):
+        values = [m * 10 ** e for e in range(math.floor(math.log10(lo)) - 1,
+                                             math.ceil(math.log10(hi)) + 1) for m in mantissas]
+        inside = [v for v in values if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+        if len(inside) >= 3:
+            return inside
+    return [lo, hi]
+
+
+def study_svg(series: list, title: str, x_label: str) -> str:
+    """An SVG of bits/dim against a cost on a log axis: `series` [(name, [(x, [bpd per seed])])]
+    as one line per name through the means, every seed a dot. Each dot carries its numbers in
+    data-x and data-bpd, so a reader of the file gets them back exactly."""
+    (width, height), (left, right, top, bottom) = SIZE, (70, 30, 40, 60)
+    legend_h = 16 * len(series) + 8
+    height += legend_h
+    xs = [x for _, points in series for x, _ in points]
+    ys = [b for _, points in series for _, bpd in points for b in bpd]
+    if not xs:
+        xs, ys = [1.0], [0.0]
+    x_lo, x_hi = min(xs) / 1.25, max(xs) * 1.25
+    y_lo, y_hi = min(ys), max(ys)
+    y_lo, y_hi = y_lo - 0.08 * (y_hi - y_lo or 1), y_hi + 0.08 * (y_hi - y_lo or 1)
+    plot_h = height - top - bottom - legend_h
+    px = lambda x: left + (math.log(x) - math.log(x_lo)) / math.log(x_hi / x_lo) * (  # noqa: E731
+        width - left - right)
+    py = lambda b: top + plot_h - (b - y_lo) / (y_hi - y_lo) * plot_h  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{width / 2}" y="20" text-anchor="middle">{escape(title)}</text>']
+    for x in log_ticks(x_lo, x_hi):
+        out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{top + plot_h}" '
+                   f'stroke="#f0f0f0"/><text x="{px(x):.1f}" y="{top + plot_h + 18}" '
+                   f'text-anchor="middle">{x:g}</text>')
+    for b in ticks(y_lo, y_hi):
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{py(b):.1f}" y2="{py(b):.1f}" '
+                   f'stroke="#e0e0e0"/><text x="{left - 6}" y="{py(b) + 4:.1f}" '
+                   f'text-anchor="end">{b:g}</text>')
+    out.append(f'<text x="{width / 2}" y="{top + plot_h + 40}" text-anchor="middle">'
+               f'{escape(x_label)}</text><text x="16" y="{top + plot_h / 2}" '
+               f'transform="rotate(-90 16 {top + plot_h / 2})" text-anchor="middle">'
+               'test bits/dim</text>')
+    for i, (name, points) in enumerate(series):
+        color = PALETTE[i % len(PALETTE)]
+        line = " ".join(f"{px(x):.1f},{py(float(np.mean(bpd))):.1f}" for x, bpd in sorted(points))
+        out.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for x, bpd in points:
+            for b in bpd:
+                out.append(f'<circle cx="{px(x):.1f}" cy="{py(b):.1f}" r="3" fill="{color}" '
+                           f'data-x="{x:g}" data-bpd="{b:.4f}"/>')
+        y = top + plot_h + 56 + 16 * i
+        out.append(f'<line x1="{left}" x2="{left + 25}" y1="{y}" y2="{y}" stroke="{color}" '
+                   f'stroke-width="2"/><text x="{left + 30}" y="{y + 4}">{escape(name)}</text>')
+    return "\n".join(out + ["</svg>\n"])
+
+
+def write_study(path: str, series: list, title: str, x_label: str) -> None:
+    with open(path, "w") as f:
+        f.write(study_svg(series, title, x_label))
+
+
+# ------------------------------------------------------------------------------------------
+# Inside a flow (inside.py): heat maps, histograms against N(0, 1), a bar per coupling
+
+
+def heat_map(values: np.ndarray, hi: float) -> np.ndarray:
+    """[..., H, W] values in [0, hi] -> uint8 RGB [..., H, W, 3], black through red and yellow
+    to white (a monotone scale, readable in grey too)."""
+    t = np.clip(values / hi, 0.0, 1.0)[..., None]
+    rgb = np.clip(np.concatenate([3 * t, 3 * t - 1, 3 * t - 2], axis=-1), 0.0, 1.0)
+    return np.round(255 * rgb).astype(np.uint8)
+
+
+def svg_open(width: int, height: int, title: str) -> list[str]:
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'font-family="sans-serif" font-size="11">',
+            f'<rect width="{width}" height="{height}" fill="white"/>',
+            f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">'
+            f'{escape(title)}</text>']
+
+
+def histograms_svg(panels: list[tuple[str, np.ndarray]], title: str, lim: float = 4.0) -> str:
+    """One small panel per (label, values): the values' histogram as a density on [-lim, lim]
+    (bars) against the standard normal's density (a red line)."""
+    w, h, pad, bins = 170, 150, 20, 40
+    out = svg_open(len(panels) * w + pad, h + 60, title)
+    edges = np.linspace(-lim, lim, bins + 1)
+    grid = np.linspace(-lim, lim, 81)
+    normal = np.exp(-grid ** 2 / 2) / math.sqrt(2 * math.pi)
+    for i, (label, values) in enumerate(panels):
+        density, _ = np.histogram(values, edges, density=True)
+        density *= np.mean(np.abs(values) <= lim)  # a density of all the values, not the shown
+        top = max(density.max(), normal.max()) * 1.1
+        x0, y0 = pad + i * w, 30 + h  # the panel's origin, bottom left
+        px = lambda v: x0 + (v + lim) / (2 * lim) * (w - pad)  # noqa: E731
+        py = lambda d: y0 - d / top * h  # noqa: E731
+        for lo, hi, d in zip(edges[:-1], edges[1:], density):
+            out.append(f'<rect x="{px(lo):.1f}" y="{py(d):.1f}" width="{px(hi) - px(lo):.1f}" '
+                       f'height="{y0 - py(d):.1f}" fill="#9ecae1"/>')
+        out.append('<polyline fill="none" stroke="#d62728" stroke-width="1.5" points="'
+                   + " ".join(f"{px(g):.1f},{py(n):.1f}" for g, n in zip(grid, normal)) + '"/>')
+        out.append(f'<line x1="{x0}" x2="{x0 + w - pad}" y1="{y0}" y2="{y0}" stroke="#333"/>')
+        for v in (-lim, 0, lim):
+            out.append(f'<text x="{px(v):.1f}" y="{y0 + 13}" text-anchor="middle">{v:g}</text>')
+        out.append(f'<text x="{x0 + (w - pad) / 2}" y="{y0 + 28}" text-anchor="middle">'
+                   f'{escape(label)}</text>')
+    return "\n".join(out + ["</svg>\n"])
+
+
+def bars_svg(values: list[float], colors: list[str], legend: list[tuple[str, str]],
+             title: str, y_label: str) -> str:
+    """One bar per value, in order (coupling 1 first), coloured by `colors`; `legend` [(color,
+    text)] under the plot. Each bar carries its number in data-value."""
+    width, height, left, top, plot_h = 720, 300, 60, 30, 200
+    out = svg_open(width, height + 16 * len(legend), title)
+    lo, hi = min(0.0, min(values)), max(0.0, max(values))
+    span = (hi - lo) or 1.0
+    py = lambda v: top + (hi - v) / span * plot_h  # noqa: E731
+    step = (width - left - 20) / len(values)
+    for b in ticks(lo, hi):
+        out.append(f'<line x1="{left}" x2="{width - 20}" y1="{py(b):.1f}" y2="{py(b):.1f}" '
+                   f'stroke="#e0e0e0"/><text x="{left - 6}" y="{py(b) + 4:.1f}" '
+                   f'text-anchor="end">{b:g}</text>')
+    for i, (v, color) in enumerate(zip(values, colors)):
+        y = min(py(v), py(0))
+        out.append(f'<rect x="{left + i * step + 1:.1f}" y="{y:.1f}" width="{step - 2:.1f}" '
+                   f'height="{abs(py(v) - py(0)):.1f}" fill="{color}" data-value="{v:.6g}"/>')
+        if len(values) <= 64 and (i % max(1, len(values) // 16) == 0 or i == len(values) - 1):
+            out.append(f'<text x="{left + (i + 0.5) * step:.1f}" y="{top + plot_h + 14}" '
+                       f'text-anchor="middle">{i + 1}</text>')
+    out.append(f'<line x1="{left}" x2="{width - 20}" y1="{py(0):.1f}" y2="{py(0):.1f}" '
+               f'stroke="#333"/><text x="14" y="{top + plot_h / 2}" transform="rotate(-90 14 '
+               f'{top + plot_h / 2})" text-anchor="middle">{escape(y_label)}</text>')
+    for j, (color, text) in enumerate(legend):
+        y = top + plot_h + 36 + 16 * j
+        out.append(f'<rect x="{left}" y="{y - 9}" width="12" height="12" fill="{color}"/>'
+                   f'<text x="{left + 18}" y="{y + 1}">{escape(text)}</text>')
+    return "\n".join(out + ["</svg>\n"])

@@ -29,7 +29,7 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
 
 
@@ -40,8 +40,6 @@ MODEL_FLAGS = tuple(CONFIG_FLAG_TYPES)
 # big_vision configs/proj/jet/imagenet64.py: Adam(b1 0.9, b2 0.95), lr 3e-4 with 10% linear
 # warmup then cosine decay, decoupled weight decay 1e-5, global-norm clipping 1.0.
 RECIPE = dict(lr=3e-4, warmup=0.1, weight_decay=1e-5, clip=1.0, b1=0.9, b2=0.95, seed=0)
-ALL_SIX = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv", "hstripes",
-           "hstripes-inv")
 OFFICIAL_KINDS = ("channels",) * 4 + ("spatial",)  # big_vision imagenet64: 4 channel : 1 spatial
 PRESETS = {
     # CPU run of a few minutes: 64 tokens of 48 dims, 12 narrow couplings. Depth matters more
@@ -56,12 +54,12 @@ PRESETS = {
     # are held out to choose the best checkpoint (docs/accelerator.md sizes the run: about
     # 2.3 h on one H100-class GPU in bfloat16).
     "cifar10": dict(patch_size=2, depth=32, block_depth=2, emb_dim=512, num_heads=8,
-                    kinds=OFFICIAL_KINDS, spatial_projs=ALL_SIX,
+                    kinds=OFFICIAL_KINDS, spatial_projs=jet.SPATIAL_PROJS,
                     batch_size=256, epochs=200, log_every=100, eval_every=5000,
                     ckpt_every=1000, remat=True, validation=5000),
     # big_vision configs/proj/jet/imagenet64.py, exactly (P=4 -> 256 tokens, batch 1024).
     "imagenet64": dict(patch_size=4, depth=32, block_depth=2, emb_dim=512, num_heads=8,
-                       kinds=OFFICIAL_KINDS, spatial_projs=ALL_SIX,
+                       kinds=OFFICIAL_KINDS, spatial_projs=jet.SPATIAL_PROJS,
                        batch_size=1024, epochs=200, log_every=50, eval_every=5000,
                        ckpt_every=5000, remat=True),
     # Fashion-MNIST 28x28x1: P=2 gives a 14x14 grid of 4-dim tokens (even, so every spatial
@@ -81,7 +79,7 @@ PRESETS["imagenet32"] = PRESETS["cifar10"] | dict(batch_size=1024, epochs=40)
 # 64 a batch. P=8 with width 64 won a 10-minute comparison but lost over 30 minutes
 # (docs/cpu-preset.md).
 PRESETS["cpu"] = dict(patch_size=4, depth=24, block_depth=1, emb_dim=32, num_heads=2,
-                      kinds=OFFICIAL_KINDS, spatial_projs=ALL_SIX,
+                      kinds=OFFICIAL_KINDS, spatial_projs=jet.SPATIAL_PROJS,
                       batch_size=32, eval_batch_size=64, time_budget=30, lr=1.6e-2,
                       remat=False, log_every=50, eval_every=1000, ckpt_every=200)
 # Fashion-MNIST: P=14 (4 tokens of 196 values), 32 couplings of width 64: each pixel passes
@@ -178,7 +176,7 @@ def _add_command_flags(a) -> None:
       "N per class row, plus an unconditional row when trained with label dropout)")
     a("--labels", type=_ints, help="conditional --sample: the classes to draw, commas "
       "(default: every class when there are at most 20, else classes 0-9)")
-    a("--temperature", type=_floats, default=(1.0,), help="prior temperature T for samples; "
+    a("--temperature", type=floats, default=(1.0,), help="prior temperature T for samples; "
       "several, commas (e.g. 0.7,0.85,1.0), give one block of rows each")
     a("--eval_only", action="store_true", help="evaluate the latest checkpoint and exit")
     a("--distributed", action="store_true", help="call jax.distributed.initialize() first "
@@ -199,7 +197,7 @@ ACTION_FLAGS = ("workdir", "sample", "labels", "temperature", "eval_only", "dist
                 "huge_pages")  # not settings
 
 
-def check_labels(labels, num_classes: int | None) -> None:
+def check_label_flag(labels, num_classes: int | None) -> None:
     """--labels name classes of a conditional run's model."""
     if labels and not num_classes:
         raise ValueError("--labels needs a conditional run (trained with --conditional).")
