@@ -154,3 +154,19 @@ def load_params(path: str, template: dict, cfg: jet.Config):
     restored = restore(arrays, template, path)
     print(f"Initialised params from {path} (step {meta['step']}).", flush=True)
     return restored["params"], restored["perms"]
+
+
+def read_run(run: str) -> tuple[dict, jet.Config, dict]:
+    """A trained unconditional run's params and perms ({"params", "perms", "rng"}), its
+    jet.Config and its metadata, from the run's workdir (or its checkpoint file)."""
+    path = os.path.join(run, "checkpoint.npz") if os.path.isdir(run) else run
+    if not os.path.exists(path):
+        raise ValueError(f"{path} does not exist: pass a training run's --workdir (it holds "
+                         "checkpoint.npz) or the checkpoint file itself.")
+    arrays, meta = read(path)
+    cfg = jet.Config(**meta["config"])
+    if cfg.context_dim:
+        raise ValueError(f"{path} is a conditional model; this reads unconditional ones.")
+    if meta.get("model", "jet") != "jet":
+        raise ValueError(f"{path} holds model {meta['model']!r}, not jet; this reads Jet runs.")
+    return restore(arrays, state_template(cfg, None), path), cfg, meta
