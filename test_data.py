@@ -492,10 +492,17 @@ def test_histogram_baseline_is_the_per_pixel_code_length():
 
 def test_histogram_baselines_are_cached_beside_the_data(tmp_path, monkeypatch):
     """The figures of a dataset and split are computed once and read back from
-    <data_dir>/baselines.json; another split is another entry."""
-    dataset = data.validation_split(data.load("synthetic"), 100)
-    first = data.histogram_baselines(dataset, "synthetic", tmp_path, 100)
+    <data_dir>/baselines.json; another split is another entry. The synthetic set writes
+    nothing: a run on it leaves no file in the data directory (or the user's cache)."""
+    path = tmp_path / "set.npz"
+    np.savez(path, **{k: v for k, v in data.load("synthetic").items()})
+    name = f"npz:{path}"
+    dataset = data.validation_split(data.load(name), 100)
+    first = data.histogram_baselines(dataset, name, tmp_path, 100)
     assert set(first) == {"validation", "test"} and 7 < first["validation"] < 8
+    assert data.histogram_baselines(data.load("synthetic"), "synthetic", tmp_path / "s", None)
+    assert not (tmp_path / "s").exists()
     monkeypatch.setattr(data, "histogram_bpd", lambda *a: pytest.fail("computed again"))
-    assert data.histogram_baselines(dataset, "synthetic", tmp_path, 100) == first
-    assert set(json.load(open(tmp_path / "baselines.json"))) == {"synthetic validation=100"}
+    assert data.histogram_baselines(dataset, name, tmp_path, 100) == first
+    [key] = json.load(open(tmp_path / "baselines.json"))
+    assert key.startswith(f"{name} validation=100 size=")

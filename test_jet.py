@@ -269,7 +269,7 @@ def test_remat_changes_memory_not_values():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@settings(max_examples=3)
+@settings(max_examples=min(3, settings.default.max_examples))  # the fast tier: fewer
 @given(configs(context_dims=st.one_of(st.none(), st.integers(1, 3))), st.integers(0, 2 ** 31 - 1))
 def test_every_parameter_receives_a_gradient(cfg, seed):
     """Once the flow is not the identity, every parameter leaf of every coupling (the context's
@@ -308,7 +308,7 @@ TOKENS = st.integers(1, 3)  # T_ctx
 SEEDS = st.integers(0, 2 ** 31 - 1)
 
 
-@settings(max_examples=3)
+@settings(max_examples=min(3, settings.default.max_examples))  # the fast tier: fewer
 @given(CONDITIONAL, TOKENS, st.sampled_from([None, jnp.bfloat16]), SEEDS)
 def test_invertible_with_a_context(cfg, tokens, compute_dtype, seed):
     """Given a context of arbitrary features, f is a bijection to ROUND_TRIP_BOUND (float32, or

@@ -60,7 +60,7 @@ def estimate_line(f: dict, cfg: jet.Config) -> str | None:
             f"{kind}'s {peak} TFLOP/s bf16 peak: {format_seconds(seconds)}{fp32}.")
 
 
-def describe(f: dict, cfg: jet.Config, params, sets: dict, baseline: dict) -> str:
+def run_line(f: dict, cfg: jet.Config, params, sets: dict, baseline: dict) -> str:
     """A run's sizes on one line: parameters, FLOPs per image, devices, images and steps; the
     trivial baseline's bits/dim (data.histogram_baselines) on the next; on an accelerator a
     third with the run's estimated time."""

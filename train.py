@@ -6,9 +6,10 @@
   python train.py --dataset cifar10 --eval_only    # test bpd of runs/cifar10-cpu's checkpoint
   python train.py --workdir runs/x --sample 64     # a grid of 64 samples from runs/x
 
-The same command resumes from the last checkpoint in its --workdir (runs/<dataset>-<preset>)
-exactly; SIGTERM or Ctrl-C first checkpoints the step in flight. Data-parallel over the devices
-of one process, or of one process per host with --distributed.
+The same command resumes from the last checkpoint in its --workdir (runs/<dataset>-<preset>,
+with -conditional after it for --conditional) exactly; SIGTERM or Ctrl-C first checkpoints the
+step in flight. Data-parallel over the devices of one process, or of one process per host with
+--distributed.
 """
 
 import dataclasses
@@ -202,7 +203,7 @@ def make_evaluate(batch_stats, images: np.ndarray, labels: np.ndarray, batch_siz
     return evaluate
 
 
-def describe(record: dict) -> str:
+def eval_line(record: dict) -> str:
     """An evaluation record as a log line: "test 3.6512 bpd | test_accuracy 0.3120 | ..."."""
     return " | ".join(f"{k.removesuffix('_bpd')} {v if isinstance(v, int) else f'{v:.4f}'}"
                       + " bpd" * k.endswith("_bpd") for k, v in record.items()
@@ -344,7 +345,7 @@ def evaluate_at(run: dict, state: dict, step: int, carried: dict, clock: dict, p
         stats = test(state, key, classify=True, limit=classify)
         record |= {"test_accuracy": stats["accuracy"], "test_classified": classify,
                    "test_unconditional_bpd": stats["unconditional_bpd"]}
-    print(f"step {step}/{f['steps']} | " + describe(record), flush=True)
+    print(f"step {step}/{f['steps']} | " + eval_line(record), flush=True)
     cluster.on_main(checkpoints.append_record, in_workdir(run, "metrics.jsonl"),
                     record | {"time_s": time.time() - run["started"]})
     cluster.on_main(pictures.write_grid, in_workdir(run, f"samples_{step:07d}.png"),
@@ -421,14 +422,14 @@ def command(args, model: dict) -> dict:
     state, plan = initial_state(run, ckpt)
     del ckpt["arrays"]  # the host copy of a restored state is no longer needed
     print(json.dumps({"flags": f, "config": dataclasses.asdict(cfg)}), flush=True)
-    print(timing.describe(f, cfg, state["params"], run["sets"], run["baseline"]), flush=True)
+    print(timing.run_line(f, cfg, state["params"], run["sets"], run["baseline"]), flush=True)
     return train(run, run["replicate"](state), run["meta"]["step"] if run["meta"] else 0, plan)
 
 
 def initial_state(run: dict, ckpt: dict) -> tuple[dict, dict | None]:
     """The state training starts from: the checkpoint's, or a new one (random init, or
     --init_from another run's params; a model with "data_init" then initialises from the first
-    batch). A new --time_budget run first times this machine for its step count (plan_budget).
+    batch). A new --time_budget run first times this machine for its step count (trial_plan).
     metrics.jsonl keeps the records up to the step training starts from."""
     f, cfg, model, meta = run["f"], run["cfg"], run["model"], run["meta"]
     cluster.on_main(checkpoints.start_metrics, in_workdir(run, "metrics.jsonl"),
@@ -450,11 +451,11 @@ def initial_state(run: dict, ckpt: dict) -> tuple[dict, dict | None]:
                                                         f["batch_size"], f["seed"], 0)]
         params = model["data_init"](params, perms, jet.dequantize(key, first), cfg)
     params, perms = run["replicate"]((params, perms))
-    plan = plan_budget(run, params, perms, rng) if "steps" not in f else None
+    plan = trial_plan(run, params, perms, rng) if "steps" not in f else None
     return new_state(params, perms, make_optimizer(f), rng), plan
 
 
-def plan_budget(run: dict, params, perms, rng) -> dict:
+def trial_plan(run: dict, params, perms, rng) -> dict:
     """--time_budget: times this machine with a trial step, the run's evaluations and sample
     grid on a copy of the initial state, laid out as the loop's (so the evaluations and grid
     compile once, for the trial and the run), then sets the step count and the cadences the
@@ -474,7 +475,7 @@ def from_checkpoint(run: dict, ckpt: dict, args) -> dict:
     state = checkpoints.restore(ckpt["arrays"], checkpoints.state_template(
         run["cfg"], None, run["model"]["init"]), ckpt["path"])
     if args.sample:
-        presets.check_labels(args.labels, run["cfg"].context_dim)
+        presets.check_label_flag(args.labels, run["cfg"].context_dim)
         labels = "_labels" + ",".join(map(str, args.labels)) if args.labels else ""
         temperatures = ",".join(f"{t:g}" for t in args.temperature)
         path = in_workdir(run, f"samples_T{temperatures}_n{args.sample}{labels}.png")
@@ -488,7 +489,7 @@ def from_checkpoint(run: dict, ckpt: dict, args) -> dict:
             stats = run["evaluators"][name](state, run_keys(jax.random.wrap_key_data(
                 state["rng"]))["eval"], classify=name == "test")
             result |= {f"{name}_{stat}": v for stat, v in stats.items()}
-    print(f"step {result['step']} | " + describe(result), flush=True)
+    print(f"step {result['step']} | " + eval_line(result), flush=True)
     return result
 
 
