@@ -196,9 +196,10 @@ def run_study(names: list[str], args, image_shape, digest: str) -> None:
 # ------------------------------------------------------------------------------------------
 # Cost: parameters, FLOPs, time and memory of one training step, measured on this machine
 
-def measure_cost(v: Variant, args, image_shape, steps: int = 10) -> dict:
+def measure_cost(v: Variant, args, image_shape, steps: int = 20) -> dict:
     """One variant's training step at its batch: parameters, forward GFLOP per image, median
-    ms per step over `steps` steps after compilation, and XLA's memory for the compiled step
+    ms per step over `steps` steps after 3 warm-up calls (the first compiles; the next ones
+    still allocate), and XLA's memory for the compiled step
     (arguments, outputs and temporaries: the step's peak, on any machine of this kind)."""
     flags = run_flags(v, args.quick)
     cfg = presets.make_config(flags, image_shape)
@@ -212,7 +213,7 @@ def measure_cost(v: Variant, args, image_shape, steps: int = 10) -> dict:
     key = jax.random.key(0)
     memory = step_fn.lower(state, images, 0, key).compile().memory_analysis()
     times = []
-    for i in range(steps + 1):
+    for i in range(steps + 3):
         start = time.perf_counter()
         state, metrics = step_fn(state, images, i, key)
         jax.block_until_ready(metrics)
@@ -223,7 +224,7 @@ def measure_cost(v: Variant, args, image_shape, steps: int = 10) -> dict:
     return {"kind": "cost", "variant": v.name, "plain": v.plain, "batch_size": batch,
             "params": sum(x.size for x in jax.tree.leaves(params)),
             "gflop_per_image": forward_flops(cfg, v) * 1e-9,
-            "ms_per_step": 1e3 * float(np.median(times[1:])), "memory_mb": peak / 2 ** 20,
+            "ms_per_step": 1e3 * float(np.median(times[3:])), "memory_mb": peak / 2 ** 20,
             "key": run_key(v, 0, 0.0, args, "")}
 
 
