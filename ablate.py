@@ -343,6 +343,11 @@ def at_time(curve: list[tuple[float, float, float]], seconds: float) -> str:
     return f"{bpd:.3f}" + ("" if inside else " (extrap.)")
 
 
+def shape_label(run: dict) -> str:
+    """"couplings x blocks" of a run, from its flags."""
+    return f"{run['flags']['depth']}x{run['flags']['block_depth']}"
+
+
 def report(records: list[dict], names: list[str], args, digest: str | None = None) -> dict:
     """Every table (markdown, returned and printed) and picture (SVG, in args.figures) of the
     experiments `names` from the stored records alone."""
@@ -360,13 +365,15 @@ def report(records: list[dict], names: list[str], args, digest: str | None = Non
                              f"{name}: {claim}", "training TFLOP a run (log scale)")
     if "depth_tradeoff" in names:
         _, _, shapes = EXPERIMENTS["depth_tradeoff"]
-        series = [(f"{b:g} TFLOP", [(r[0]["train_gflop_per_image"] / 3, [x["test_bpd"] for x in r])
+        series = [(f"{b:g} TFLOP", [(r[0]["train_gflop_per_image"] / 3, [x["test_bpd"] for x in r],
+                                     shape_label(r[0]))
                                     for v in shapes
                                     if (r := stored_runs(records, v, b, args, digest))])
                   for b in args.budgets]
         pictures.write_study(os.path.join(args.figures, "depth_tradeoff_frontier.svg"), series,
-                             "couplings x ViT depth: bits/dim against the cost of an image",
-                             "forward GFLOP per image (log scale)")
+                             "couplings x ViT depth: bits/dim against the cost of an image "
+                             "(line: the best at that cost or less)",
+                             "forward GFLOP per image (log scale)", frontier=True)
     tables["costs"] = cost_table(records, names, args, digest)
     for name, text in tables.items():
         print(f"\n## {name}\n\n{text}", flush=True)

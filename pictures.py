@@ -144,24 +144,27 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 def log_ticks(lo: float, hi: float) -> list[float]:
     """Round values (1, 2 or 5 times a power of ten; with 3 and 4 as well on a narrow range)
     in [lo, hi] for a log axis."""
+    inside = []
     for mantissas in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 7)):
         values = [m * 10 ** e for e in range(math.floor(math.log10(lo)) - 1,
                                              math.ceil(math.log10(hi)) + 1) for m in mantissas]
         inside = [v for v in values if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
         if len(inside) >= 3:
-            return inside
-    return [lo, hi]
+            break
+    return inside or [lo, hi]
 
 
-def study_svg(series: list, title: str, x_label: str) -> str:
-    """An SVG of bits/dim against a cost on a log axis: `series` [(name, [(x, [bpd per seed])])]
-    as one line per name through the means, every seed a dot. Each dot carries its numbers in
-    data-x and data-bpd, so a reader of the file gets them back exactly."""
+def study_svg(series: list, title: str, x_label: str, frontier: bool = False) -> str:
+    """An SVG of bits/dim against a cost on a log axis: `series` [(name, [(x, [bpd per seed][,
+    label])])] as one line per name through the means, every seed a dot, a point's label (if
+    any) beside it. frontier: the line is the lower envelope instead (the best mean at that
+    cost or less). Each dot carries its numbers in data-x and data-bpd, so a reader of the file
+    gets them back exactly."""
     (width, height), (left, right, top, bottom) = SIZE, (70, 30, 40, 60)
     legend_h = 16 * len(series) + 8
     height += legend_h
-    xs = [x for _, points in series for x, _ in points]
-    ys = [b for _, points in series for _, bpd in points for b in bpd]
+    xs = [x for _, points in series for x, *_ in points]
+    ys = [b for _, points in series for _, bpd, *_ in points for b in bpd]
     if not xs:
         xs, ys = [1.0], [0.0]
     x_lo, x_hi = min(xs) / 1.25, max(xs) * 1.25
@@ -189,21 +192,29 @@ def study_svg(series: list, title: str, x_label: str) -> str:
                'test bits/dim</text>')
     for i, (name, points) in enumerate(series):
         color = PALETTE[i % len(PALETTE)]
-        line = " ".join(f"{px(x):.1f},{py(float(np.mean(bpd))):.1f}" for x, bpd in sorted(points))
+        means = sorted((x, float(np.mean(bpd))) for x, bpd, *_ in points)
+        if frontier:  # keep each point that beats every cheaper one
+            means = [(x, m) for j, (x, m) in enumerate(means)
+                     if all(m < other for _, other in means[:j])]
+        line = " ".join(f"{px(x):.1f},{py(m):.1f}" for x, m in means)
         out.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2"/>')
-        for x, bpd in points:
+        for x, bpd, *label in points:
             for b in bpd:
                 out.append(f'<circle cx="{px(x):.1f}" cy="{py(b):.1f}" r="3" fill="{color}" '
                            f'data-x="{x:g}" data-bpd="{b:.4f}"/>')
+            if label:
+                out.append(f'<text x="{px(x) + 6:.1f}" y="{py(float(np.mean(bpd))) + 4:.1f}" '
+                           f'font-size="10">{escape(label[0])}</text>')
         y = top + plot_h + 56 + 16 * i
         out.append(f'<line x1="{left}" x2="{left + 25}" y1="{y}" y2="{y}" stroke="{color}" '
                    f'stroke-width="2"/><text x="{left + 30}" y="{y + 4}">{escape(name)}</text>')
     return "\n".join(out + ["</svg>\n"])
 
 
-def write_study(path: str, series: list, title: str, x_label: str) -> None:
+def write_study(path: str, series: list, title: str, x_label: str,
+                frontier: bool = False) -> None:
     with open(path, "w") as f:
-        f.write(study_svg(series, title, x_label))
+        f.write(study_svg(series, title, x_label, frontier))
 
 
 # ------------------------------------------------------------------------------------------
