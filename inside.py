@@ -244,12 +244,10 @@ def figures(params, perms, cfg: jet.Config, test: np.ndarray) -> dict:
     out = TRACE(params, perms, x, cfg)
     stages = stage_indices(cfg.depth)
     whole = test_set_bits(params, perms, cfg, test, jax.random.fold_in(key, 1))
-    z, logdet = FORWARD(params, perms, x, cfg)
     return {
         "images": images, "splits_rows": splits_rows(images[0], split_masks(perms, cfg), cfg),
-        "split_masks": split_masks(perms, cfg), "couplings_order": cfg.couplings(),
+        "couplings_order": cfg.couplings(),
         "stage_couplings": stages, "stages": np.asarray(out["states"])[stages],
-        "trace": out, "z": np.asarray(z), "bpd_drawn": np.asarray(jet.bits_per_dim(z, logdet)),
         "pixel_bits": np.asarray(out["bits"].sum(-1)), "mean_pixel_bits": whole["pixels"],
         "coupling_bits": whole["couplings"], "gaussian": float(whole["gaussian"]),
         "bpd": float(whole["bpd"]), "top10": float(whole["top10"]), "test_images": len(test),
