@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -31,6 +32,7 @@ import jax
 import numpy as np
 
 import bits
+import checkpoints
 import data
 import jet
 import pictures
@@ -131,9 +133,15 @@ def read_results(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_variant(v: Variant, seed: int, budget: float, args, image_shape, digest: str) -> dict:
-    """Trains one (variant, seed, budget) with train.main, or returns its stored result."""
-    key = run_key(v, seed, budget, args, digest)
+def run_variant(v: Variant, seed: int, budget: float | None, args, image_shape, digest: str,
+                regime: dict | None = None) -> dict:
+    """Trains one (variant, seed, budget) with train.main, or returns its stored result.
+    regime: train.py flags of a data regime, part of the run's key (see REGIME_FIELDS): a
+    small training set (scarce_regime: budget None, its epochs instead; the test figure is the
+    best held-out checkpoint's), other images (pretraining: "dataset", and "data", their
+    digest), or a start from another run's params ("init_from": that run's id)."""
+    regime = regime or {}
+    key = run_key(v, seed, budget, args, digest) | regime
     run_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     done = next((r for r in read_results(args.results) if r.get("id") == run_id), None)
     if done:
@@ -142,31 +150,60 @@ def run_variant(v: Variant, seed: int, budget: float, args, image_shape, digest:
     cfg = presets.make_config(flags, image_shape)
     flops = 3 * forward_flops(cfg, v)  # training step ~ forward + backward (2x forward)
     batch = int(flags["batch_size"])
-    steps = max(2, round(budget * 1e12 / (flops * batch)))
+    if budget:
+        steps = every = max(2, round(budget * 1e12 / (flops * batch)))
+    else:
+        per_epoch = data.steps_per_epoch(regime["train_images"], batch)
+        steps, every = regime["epochs"] * per_epoch, regime["eval_epochs"] * per_epoch
     workdir = os.path.join(args.workdir, "runs", run_id)
     argv = [f"--{k}={','.join(x) if isinstance(x, tuple) else x}" for k, x in flags.items()]
-    argv += [f"--dataset={args.dataset}", f"--seed={seed}", f"--steps={steps}",
-             f"--eval_every={steps}", f"--ckpt_every={max(1, steps // 5)}",
+    argv += [f"--dataset={regime.get('dataset', args.dataset)}", f"--seed={seed}",
+             f"--steps={steps}", f"--eval_every={every}", f"--ckpt_every={max(1, steps // 5)}",
              f"--log_every={flags.get('log_every', max(1, steps // 10))}",
              f"--workdir={workdir}"]
+    argv += [f"--{k}={regime[k]}" for k in ("train_images", "validation") if k in regime]
+    if "init_from" in regime:
+        argv.append(f"--init_from={os.path.join(args.workdir, 'runs', regime['init_from'])}")
     argv += [f"--{k}={getattr(args, k)}" for k in ("data_dir", "data_md5")
-             if getattr(args, k)]
-    print(f"\n=== {v.name} | seed {seed} | {budget:g} TFLOP: {steps} steps of {batch} | "
-          f"{flops * 1e-9:.3f} GFLOP per training image | {workdir}", flush=True)
+             if getattr(args, k) and "dataset" not in regime]
+    length = f"{budget:g} TFLOP" if budget else f"{regime['epochs']} epochs"
+    print(f"\n=== {v.name} | seed {seed} | {length}: {steps} steps of {batch} | "
+          f"{flops * 1e-9:.3f} GFLOP per training image | {regime or ''} | {workdir}",
+          flush=True)
     model = make_model(v)
     start = time.time()
     out = train.main(argv, model)
+    if "validation" in regime:
+        out = held_out_result(workdir, out, model, steps // regime["epochs"])
     wall = time.time() - start
     params = jax.eval_shape(lambda: model["init"](jax.random.key(0), cfg)[0])
     record = {"id": run_id, "variant": v.name, "seed": seed,
               "params": sum(x.size for x in jax.tree.leaves(params)),
               "train_gflop_per_image": flops * 1e-9, "steps": steps, "batch_size": batch,
               "train_tflop": flops * steps * batch * 1e-12, "wall_s": wall,
-              "test_bpd": out["test_bpd"], "train_eval_bpd": out["train_eval_bpd"], **key}
+              "test_bpd": out["test_bpd"], "train_eval_bpd": out["train_eval_bpd"],
+              **{k: out[k] for k in ("last_test_bpd", "best_epoch", "curve") if k in out},
+              **key}
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "a") as f:  # one line a run, so a killed study loses one run
         f.write(json.dumps(record) + "\n")
     return record
+
+
+def held_out_result(workdir: str, out: dict, model: dict, per_epoch: int) -> dict:
+    """A run with a held-out set, judged as early stopping would: its best held-out
+    checkpoint's test bits/dim (train.py --eval_only on a copy in <workdir>/best), the epoch
+    of that best, and the learning curve [(epoch, held-out bpd, training-slice bpd)]."""
+    best = os.path.join(workdir, "best")
+    os.makedirs(best, exist_ok=True)
+    shutil.copyfile(os.path.join(workdir, "checkpoint_best.npz"),
+                    os.path.join(best, "checkpoint.npz"))
+    evaluated = train.main(["--eval_only", f"--workdir={best}"], model)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        curve = [(r["step"] / per_epoch, r["validation_bpd"], r["train_eval_bpd"])
+                 for line in f if "validation_bpd" in (r := json.loads(line))]
+    return out | {"test_bpd": evaluated["test_bpd"], "last_test_bpd": out["test_bpd"],
+                  "best_epoch": evaluated["step"] / per_epoch, "curve": curve}
 
 
 def close_call(first: list[dict], runs: list[dict]) -> bool:
@@ -180,7 +217,8 @@ def close_call(first: list[dict], runs: list[dict]) -> bool:
 def run_study(names: list[str], args, image_shape, digest: str) -> None:
     """Every run of the experiments `names`, the smallest budget first (so the pictures fill
     in across compute as the study goes); a third seed where a row is a close call."""
-    run = lambda v, seed, budget: run_variant(v, seed, budget, args, image_shape, digest)  # noqa: E731
+    def run(v, seed, budget):
+        return run_variant(v, seed, budget, args, image_shape, digest)
     for budget in sorted(args.budgets):
         for name in names:
             claim, when, variants = EXPERIMENTS[name]
@@ -191,6 +229,104 @@ def run_study(names: list[str], args, image_shape, digest: str) -> None:
                 if args.seeds >= 2 and close_call(runs[0], rows):
                     run(variants[0], args.seeds, budget)
                     run(v, args.seeds, budget)
+
+
+# ------------------------------------------------------------------------------------------
+# Scarce data (the paper's named weak point: overfitting) and its cure: pretraining on more
+# images, then fine-tuning
+
+SCARCE_VARIANTS = (BASE, *EXPERIMENTS["removed_components"][2][1:3],
+                   EXPERIMENTS["coupling_net"][2][1])  # + ActNorm, + dense, the one-block CNN
+# The first 2,000 training images left after a fixed held-out 5,000 (data.validation_split);
+# evaluated every eval_epochs, long enough for the held-out figure to turn up.
+SCARCE = {"train_images": 2000, "validation": 5000, "epochs": 120, "eval_epochs": 4}
+QUICK_SCARCE = {"train_images": 64, "validation": 128, "epochs": 6, "eval_epochs": 2}
+PRETRAIN_TFLOP = 32.0  # the base on Tiny ImageNet at 32x32: ~1.9 epochs of its 100,000 images
+QUICK_PRETRAIN_TFLOP = 1e-4
+PRETRAIN_DATA = "npz:~/.cache/jet-data/tiny-imagenet-32.npz"  # see docs/ablations.md, "Data"
+JPEG_DATA = "npz:~/.cache/jet-data/cifar10-jpeg.npz"  # the JPEG-decoded copy of CIFAR-10
+SCARCE_CLAIM = ("Jet overfits small datasets; a removed component, or a CNN's locality, may "
+                "help there")
+TRANSFER_CLAIM = ("pretraining on more images is the cure for scarce data (the paper's 3.02 "
+                  "on CIFAR-10 comes from ImageNet-21k)")
+EXTRA_STUDIES = {"scarce_data": SCARCE_CLAIM, "transfer": TRANSFER_CLAIM}
+
+
+def scarce_regime(args) -> dict:
+    return dict(QUICK_SCARCE if args.quick else SCARCE)
+
+
+def pretrain_regime(records: list[dict], args) -> dict:
+    """The pretraining run's data: --pretrain_data and its images' digest (from the stored
+    runs, so that --report needs no data; else from the images)."""
+    stored = {r["data"] for r in records if is_run(r) and r["dataset"] == args.pretrain_data}
+    if len(stored) > 1:
+        raise ValueError(f"{args.results} holds pretraining runs on {len(stored)} image sets "
+                         f"of {args.pretrain_data}; keep one set's lines.")
+    digest = stored.pop() if stored else data.digest(data.load(args.pretrain_data))
+    return {"dataset": args.pretrain_data, "data": digest}
+
+
+def transfer_runs(records: list[dict], args, image_shape, digest: str,
+                  run_missing: bool = True) -> dict:
+    """The transfer experiment's runs by row: the base pretrained on --pretrain_data, then
+    from scratch and fine-tuned from it (--init_from) on the scarce set and on the whole
+    training set (at the largest budget). run_missing False: only look them up."""
+    def get(budget, regime, seeds=range(args.seeds)) -> list[dict]:
+        if run_missing:
+            return [run_variant(BASE, s, budget, args, image_shape, digest, regime) for s in seeds]
+        return [r for r in stored_runs(records, BASE, budget, args, digest, regime)
+                if r["seed"] in seeds]
+    pre = get(QUICK_PRETRAIN_TFLOP if args.quick else PRETRAIN_TFLOP,
+              pretrain_regime(records, args), seeds=[0])
+    rows = {"pretrained": pre}
+    for name, budget, regime in (("2000", None, scarce_regime(args)),
+                                 ("all", max(args.budgets), {})):
+        rows[f"scratch {name}"] = get(budget, regime)
+        rows[f"tuned {name}"] = get(budget, regime | {"init_from": pre[0]["id"]}) if pre else []
+    return rows
+
+
+def evaluate_on(run: dict, args, name: str, images: np.ndarray) -> dict:
+    """A stored eval record: run's checkpoint (the best held-out one where it has one) on
+    `images`, the dataset `name`, with fixed noise, so two image sets compare pair by pair."""
+    done = next((r for r in read_results(args.results) if r.get("kind") == "eval"
+                 and r["run"] == run["id"] and r["images"] == name), None)
+    if done:
+        return done
+    path = os.path.join(args.workdir, "runs", run["id"], "best" if "curve" in run else "")
+    state, cfg, meta = checkpoints.read_run(path)
+    evaluate = train.make_evaluate(
+        train.make_batch_stats(cfg, meta["flags"], jet.forward), images,
+        np.zeros(len(images), np.int64), meta["flags"]["eval_batch_size"], jax.numpy.asarray)
+    record = {"kind": "eval", "run": run["id"], "images": name,
+              "data": data.digest({"test": images}),
+              "bpd": evaluate(state, jax.random.key(0))["bpd"]}
+    with open(args.results, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
+
+
+def run_scarce(args, image_shape, digest: str) -> None:
+    """Each variant of the scarce-data table on the scarce set (a third seed on close calls)."""
+    def run(v, seed):
+        return run_variant(v, seed, None, args, image_shape, digest, scarce_regime(args))
+    runs = [[run(v, seed) for seed in range(args.seeds)] for v in SCARCE_VARIANTS]
+    for v, rows in zip(SCARCE_VARIANTS[1:], runs[1:]):
+        if args.seeds >= 2 and close_call(runs[0], rows):
+            run(SCARCE_VARIANTS[0], args.seeds)
+            run(v, args.seeds)
+
+
+def run_transfer(args, image_shape, digest: str) -> None:
+    """Every run of the transfer table, then each one's bits/dim on the test images of
+    --dataset and of --jpeg_data (the JPEG-decoded copy), pair by pair."""
+    rows = transfer_runs([], args, image_shape, digest)
+    tests = {name: data.load(name)["test"] for name in (args.dataset, args.jpeg_data)}
+    for runs in rows.values():
+        for run in runs:
+            for name, images in tests.items():
+                evaluate_on(run, args, name, images)
 
 
 # ------------------------------------------------------------------------------------------
@@ -233,7 +369,7 @@ def measure_costs(names: list[str], args, image_shape) -> None:
     results file as "cost" records; variants already measured are skipped."""
     seen = {json.dumps(r["key"], sort_keys=True) for r in read_results(args.results)
             if r.get("kind") == "cost"}
-    variants = [v for name in names for v in EXPERIMENTS[name][2]] + [PLAIN_VIT]
+    variants = [v for name in names for v in EXPERIMENTS.get(name, [[]] * 3)[2]] + [PLAIN_VIT]
     for v in variants:
         key = json.dumps(run_key(v, 0, 0.0, args, ""), sort_keys=True)
         if key in seen:
@@ -249,19 +385,27 @@ def measure_costs(names: list[str], args, image_shape) -> None:
 # ------------------------------------------------------------------------------------------
 # The report: tables and pictures from the results file alone (no data, no training)
 
-def stored_runs(records: list[dict], v: Variant, budget: float, args, digest: str) -> list:
-    """v's runs at this budget on the images `digest`, by seed: records whose key is v's but
-    for the seed (a field run_key leaves out for v must be absent from the record too)."""
-    want = run_key(v, 0, budget, args, digest)
-    fields = (set(want) | {"multiscale", "factor_after", "plain"}) - {"seed"}
-    runs = [r for r in records if r.get("kind") != "cost"
-            and all(r.get(k) == want.get(k) for k in fields)]
+REGIME_FIELDS = ("train_images", "validation", "epochs", "eval_epochs", "init_from")
+
+
+def is_run(record: dict) -> bool:
+    return "kind" not in record  # the other lines are "cost" and "eval" records
+
+
+def stored_runs(records: list[dict], v: Variant, budget: float | None, args, digest: str,
+                regime: dict | None = None) -> list:
+    """v's runs at this budget (and data regime) on the images `digest`, by seed: records
+    whose key is v's but for the seed (a field run_key leaves out for v must be absent from
+    the record too)."""
+    want = run_key(v, 0, budget, args, digest) | (regime or {})
+    fields = (set(want) | {"multiscale", "factor_after", "plain", *REGIME_FIELDS}) - {"seed"}
+    runs = [r for r in records if is_run(r) and all(r.get(k) == want.get(k) for k in fields)]
     return sorted(runs, key=lambda r: r["seed"])
 
 
 def the_digest(records: list[dict], args) -> str:
     """The images the stored runs were trained on: one set, or the report would mix them."""
-    digests = {r["data"] for r in records if r.get("kind") != "cost"
+    digests = {r["data"] for r in records if is_run(r)
                and r["dataset"] == args.dataset and r["quick"] == args.quick}
     if len(digests) > 1:
         raise ValueError(f"{args.results} holds {args.dataset} runs on {len(digests)} different "
@@ -311,7 +455,7 @@ def cost_table(records: list[dict], names: list[str], args, digest: str) -> str:
     lines = ["| variant | params | GFLOP/img | ms/step | memory | TFLOP | bpd, equal FLOPs | "
              "bpd, the base's training time |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: "
              "| ---: |"]
-    variants = list(dict.fromkeys(v for name in names for v in EXPERIMENTS[name][2]))
+    variants = list(dict.fromkeys(v for name in names for v in EXPERIMENTS.get(name, [[]] * 3)[2]))
     for v in variants + [PLAIN_VIT]:
         cost = costs.get(json.dumps(run_key(v, 0, 0.0, args, ""), sort_keys=True))
         if cost is None:
@@ -354,7 +498,7 @@ def report(records: list[dict], names: list[str], args, digest: str | None = Non
     digest = the_digest(records, args) if digest is None else digest
     os.makedirs(args.figures, exist_ok=True)
     tables = {}
-    for name in names:
+    for name in [n for n in names if n in EXPERIMENTS]:
         claim, when, variants = EXPERIMENTS[name]
         rows = [(v, b, stored_runs(records, v, b, args, digest)) for v in variants
                 for b in experiment_budgets(when, args.budgets)]
@@ -374,10 +518,87 @@ def report(records: list[dict], names: list[str], args, digest: str | None = Non
                              "couplings x ViT depth: bits/dim against the cost of an image "
                              "(line: the best at that cost or less)",
                              "forward GFLOP per image (log scale)", frontier=True)
+    if "scarce_data" in names:
+        tables["scarce_data"] = scarce_report(records, args, digest)
+    if "transfer" in names:
+        tables["transfer"] = transfer_report(records, args, digest)
     tables["costs"] = cost_table(records, names, args, digest)
     for name, text in tables.items():
         print(f"\n## {name}\n\n{text}", flush=True)
     return tables
+
+
+def scarce_report(records: list[dict], args, digest: str) -> str:
+    """Markdown of the scarce-data runs, and their held-out learning curves (an SVG)."""
+    regime = scarce_regime(args)
+    lines = [f"Claim: {SCARCE_CLAIM}. Trained on the first {regime['train_images']:,} training "
+             f"images for {regime['epochs']} epochs, {regime['validation']:,} held out; test "
+             "figures from the best held-out checkpoint.", "",
+             "| variant | test bpd per seed | mean | spread | vs first row | best held-out "
+             "at epoch | end: train / held-out bpd | gap | test bpd at the end | wall/run |",
+             "| --- | --- | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |"]
+    series, first = [], None
+    for v in SCARCE_VARIANTS:
+        runs = stored_runs(records, v, None, args, digest, regime)
+        if not runs:
+            continue
+        mean, spread = mean_spread(runs)
+        versus = ""
+        if first is None:
+            first = (mean, spread)
+        else:
+            beyond = abs(mean - first[0]) > max(spread, first[1])
+            versus = f"{mean - first[0]:+.3f} ({'beyond' if beyond else 'within'} the spread)"
+        held, trained = (np.mean([r["curve"][-1][i] for r in runs]) for i in (1, 2))
+        seeds = " ".join(f"{r['test_bpd']:.3f}" for r in runs)
+        epochs = ", ".join(f"{r['best_epoch']:g}" for r in runs)
+        lines.append(
+            f"| {v.name} | {seeds} | {mean:.3f} | {spread:.3f} | {versus} | {epochs} | "
+            f"{trained:.3f} / {held:.3f} | {held - trained:.3f} | "
+            f"{np.mean([r['last_test_bpd'] for r in runs]):.3f} | "
+            f"{np.mean([r['wall_s'] for r in runs]) / 60:.1f} min |")
+        by_epoch = {}
+        for r in runs:
+            for epoch, bpd, _ in r["curve"]:
+                by_epoch.setdefault(epoch, []).append(bpd)
+        series.append((v.name, sorted(by_epoch.items())))
+    pictures.write_study(os.path.join(args.figures, "scarce_data.svg"), series,
+                         f"{regime['train_images']:,} training images: held-out bits/dim "
+                         "during training", "epoch", log_x=False, y_label="held-out bits/dim")
+    return "\n".join(lines)
+
+
+def transfer_report(records: list[dict], args, digest: str) -> str:
+    """Markdown of the transfer runs: test bits/dim from scratch and fine-tuned, what
+    pretraining buys at each data size, and each model on the lossless and the JPEG test."""
+    rows = transfer_runs(records, args, None, digest, run_missing=False)
+    evals = {(r["run"], r["images"]): r["bpd"] for r in records if r.get("kind") == "eval"}
+    pre_budget, top = QUICK_PRETRAIN_TFLOP if args.quick else PRETRAIN_TFLOP, max(args.budgets)
+    scarce = f"{scarce_regime(args)['train_images']:,}"
+    names = {"pretrained": (f"pretrained on {args.pretrain_data} ({pre_budget:g} TFLOP), "
+                            "not fine-tuned", "none"),
+             "scratch 2000": ("from scratch (best held-out checkpoint)", scarce),
+             "tuned 2000": ("pretrained, fine-tuned (best held-out checkpoint)", scarce),
+             "scratch all": (f"from scratch, {top:g} TFLOP", "all"),
+             "tuned all": (f"pretrained, fine-tuned {top:g} TFLOP", "all")}
+    lines = [f"Claim: {TRANSFER_CLAIM}.", "",
+             "| model | CIFAR-10 training images | test bpd per seed | mean | pretraining buys "
+             f"| {args.dataset} test, fixed noise | {args.jpeg_data} test | JPEG - lossless |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    means = {}
+    for row, runs in rows.items():
+        lossless = [evals.get((r["id"], args.dataset)) for r in runs]
+        jpeg = [evals.get((r["id"], args.jpeg_data)) for r in runs]
+        if not runs or None in lossless + jpeg:
+            continue
+        bpd = lossless if row == "pretrained" else [r["test_bpd"] for r in runs]
+        means[row] = float(np.mean(bpd))
+        scratch = means.get(row.replace("tuned", "scratch"))
+        buys = f"{scratch - means[row]:.3f}" if row.startswith("tuned") and scratch else ""
+        lines.append(f"| {names[row][0]} | {names[row][1]} | {' '.join(f'{b:.3f}' for b in bpd)} "
+                     f"| {means[row]:.3f} | {buys} | {np.mean(lossless):.3f} | "
+                     f"{np.mean(jpeg):.3f} | {np.mean(jpeg) - np.mean(lossless):+.3f} |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------
@@ -388,7 +609,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--list", action="store_true", help="list the experiments and their variants, then exit")
-    a("--experiment", action="append", choices=sorted(EXPERIMENTS),
+    a("--experiment", action="append", choices=sorted(EXPERIMENTS) + sorted(EXTRA_STUDIES),
       help="run this experiment (repeatable; default: all of them)")
     a("--budgets", type=presets.floats, metavar="TFLOP,...",
       help=f"training TFLOPs a run, per variant and seed (default {','.join(map(str, BUDGETS))})")
@@ -407,6 +628,10 @@ def parse_args(argv=None) -> argparse.Namespace:
       "from --results: no data, no training")
     a("--costs", action="store_true", help="also time each variant's training step here and "
       "store it for the cost table")
+    a("--pretrain_data", default=PRETRAIN_DATA, help="transfer: the images the base is "
+      f"pretrained on, a train.py --dataset (default {PRETRAIN_DATA})")
+    a("--jpeg_data", default=JPEG_DATA, help="transfer: a second test set every model is "
+      f"scored on, a train.py --dataset (default {JPEG_DATA})")
     a("--where_bits", metavar="RUN", help="instead: a trained run's bits, exact zeros vs the rest")
     a("--images", type=int, default=1000, help="test images for --where_bits (default 1000)")
     args = p.parse_args(argv)
@@ -426,12 +651,15 @@ def main(argv=None) -> dict[str, str]:
     if args.where_bits:
         print(where := bits.where_bits(args.where_bits, args.images, args.data_dir))
         return {"where_bits": where}
-    names = args.experiment or list(EXPERIMENTS)
+    names = args.experiment or [*EXPERIMENTS, *EXTRA_STUDIES]
     if args.list:
         for name in names:
+            if name in EXTRA_STUDIES:
+                print(f"{name}: {EXTRA_STUDIES[name]}")
+                continue
             claim, when, variants = EXPERIMENTS[name]
-            print(f"{name}: {claim} (at {', '.join(map(str, experiment_budgets(when, args.budgets)))}"
-                  " TFLOP)")
+            at = ", ".join(map(str, experiment_budgets(when, args.budgets)))
+            print(f"{name}: {claim} (at {at} TFLOP)")
             for v in variants:
                 print(f"  - {v.name}")
         return {}
@@ -442,7 +670,11 @@ def main(argv=None) -> dict[str, str]:
     start = time.time()
     if args.costs:
         measure_costs(names, args, image_shape)
-    run_study(names, args, image_shape, digest)
+    run_study([n for n in names if n in EXPERIMENTS], args, image_shape, digest)
+    if "scarce_data" in names:
+        run_scarce(args, image_shape, digest)
+    if "transfer" in names:
+        run_transfer(args, image_shape, digest)
     print(f"ablate.py: {len(names)} experiment(s) in {timing.format_seconds(time.time() - start)}"
           f" (runs already in {args.results} were not repeated).")
     return report(read_results(args.results), names, args, digest)

@@ -446,7 +446,17 @@ def load_for_run(f: dict, image_shape) -> tuple[dict[str, np.ndarray], int | Non
         raise DataError(f"dataset {f['dataset']} has images {dataset['train'].shape[1:]}, the "
                         f"model (its checkpoint) expects {tuple(image_shape)}.")
     K = check_labels(f["dataset"], dataset) if f.get("conditional") else None
-    return (validation_split(dataset, f["validation"]) if f.get("validation") else dataset), K
+    dataset = validation_split(dataset, f["validation"]) if f.get("validation") else dataset
+    return (first_images(dataset, f["train_images"]) if f.get("train_images") else dataset), K
+
+
+def first_images(dataset: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Keeps the first n training examples (after validation_split, so the held-out set is the
+    same whatever n): a fixed small training set, for studying overfitting."""
+    if not 1 <= n <= len(dataset["train"]):
+        raise DataError(f"--train_images {n} needs 1 <= N <= {len(dataset['train'])}, the "
+                        f"training images left after any --validation; choose a smaller N.")
+    return dataset | {k: dataset[k][:n] for k in ("train", "train_labels") if k in dataset}
 
 
 def histogram_bpd(train: np.ndarray, held: np.ndarray) -> float:
@@ -467,15 +477,17 @@ def histogram_bpd(train: np.ndarray, held: np.ndarray) -> float:
 
 
 def histogram_baselines(dataset: dict[str, np.ndarray], name: str, data_dir: str | None,
-                        validation: int | None) -> dict[str, float]:
+                        validation: int | None, train_images: int | None = None
+                        ) -> dict[str, float]:
     """histogram_bpd of the held-out sets ("validation" if there is one, "test") under the
-    training set's histogram, cached in <data_dir>/baselines.json by dataset and split (an npz
-    file also by its size and modification time). The synthetic set, which lives on no disk,
+    training set's histogram, cached in <data_dir>/baselines.json by dataset, split and
+    --train_images (an npz file also by its size and modification time). The synthetic set, which lives on no disk,
     is computed every time (milliseconds) and writes nothing."""
     if name == "synthetic":
         return {split: histogram_bpd(dataset["train"], dataset[split])
                 for split in ("validation", "test") if split in dataset}
-    key = f"{name} validation={validation or 0}"
+    key = f"{name} validation={validation or 0}" + (f" train_images={train_images}"
+                                                     if train_images else "")
     if name.startswith("npz:"):
         stat = os.stat(os.path.expanduser(name[len("npz:"):]))
         key += f" size={stat.st_size} mtime={stat.st_mtime_ns}"

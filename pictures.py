@@ -154,12 +154,13 @@ def log_ticks(lo: float, hi: float) -> list[float]:
     return inside or [lo, hi]
 
 
-def study_svg(series: list, title: str, x_label: str, frontier: bool = False) -> str:
-    """An SVG of bits/dim against a cost on a log axis: `series` [(name, [(x, [bpd per seed][,
-    label])])] as one line per name through the means, every seed a dot, a point's label (if
-    any) beside it. frontier: the line is the lower envelope instead (the best mean at that
-    cost or less). Each dot carries its numbers in data-x and data-bpd, so a reader of the file
-    gets them back exactly."""
+def study_svg(series: list, title: str, x_label: str, frontier: bool = False,
+              log_x: bool = True, y_label: str = "test bits/dim") -> str:
+    """An SVG of bits/dim against a cost on a log axis (or, log_x False, a linear one such as
+    epochs): `series` [(name, [(x, [bpd per seed][, label])])] as one line per name through the
+    means, every seed a dot, a point's label (if any) beside it. frontier: the line is the
+    lower envelope instead (the best mean at that cost or less). Each dot carries its numbers
+    in data-x and data-bpd, so a reader of the file gets them back exactly."""
     (width, height), (left, right, top, bottom) = SIZE, (70, 30, 40, 60)
     legend_h = 16 * len(series) + 8
     height += legend_h
@@ -167,18 +168,20 @@ def study_svg(series: list, title: str, x_label: str, frontier: bool = False) ->
     ys = [b for _, points in series for _, bpd, *_ in points for b in bpd]
     if not xs:
         xs, ys = [1.0], [0.0]
-    x_lo, x_hi = min(xs) / 1.25, max(xs) * 1.25
+    x_lo, x_hi = (min(xs) / 1.25, max(xs) * 1.25) if log_x else (
+        min(xs) - 0.04 * (max(xs) - min(xs) or 1), max(xs) + 0.04 * (max(xs) - min(xs) or 1))
     y_lo, y_hi = min(ys), max(ys)
     y_lo, y_hi = y_lo - 0.08 * (y_hi - y_lo or 1), y_hi + 0.08 * (y_hi - y_lo or 1)
     plot_h = height - top - bottom - legend_h
-    px = lambda x: left + (math.log(x) - math.log(x_lo)) / math.log(x_hi / x_lo) * (  # noqa: E731
+    scale = math.log if log_x else float
+    px = lambda x: left + (scale(x) - scale(x_lo)) / (scale(x_hi) - scale(x_lo)) * (  # noqa: E731
         width - left - right)
     py = lambda b: top + plot_h - (b - y_lo) / (y_hi - y_lo) * plot_h  # noqa: E731
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'font-family="sans-serif" font-size="12">',
            f'<rect width="{width}" height="{height}" fill="white"/>',
            f'<text x="{width / 2}" y="20" text-anchor="middle">{escape(title)}</text>']
-    for x in log_ticks(x_lo, x_hi):
+    for x in (log_ticks if log_x else ticks)(x_lo, x_hi):
         out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{top + plot_h}" '
                    f'stroke="#f0f0f0"/><text x="{px(x):.1f}" y="{top + plot_h + 18}" '
                    f'text-anchor="middle">{x:g}</text>')
@@ -189,7 +192,7 @@ def study_svg(series: list, title: str, x_label: str, frontier: bool = False) ->
     out.append(f'<text x="{width / 2}" y="{top + plot_h + 40}" text-anchor="middle">'
                f'{escape(x_label)}</text><text x="16" y="{top + plot_h / 2}" '
                f'transform="rotate(-90 16 {top + plot_h / 2})" text-anchor="middle">'
-               'test bits/dim</text>')
+               f'{escape(y_label)}</text>')
     for i, (name, points) in enumerate(series):
         color = PALETTE[i % len(PALETTE)]
         means = sorted((x, float(np.mean(bpd))) for x, bpd, *_ in points)
@@ -211,10 +214,9 @@ def study_svg(series: list, title: str, x_label: str, frontier: bool = False) ->
     return "\n".join(out + ["</svg>\n"])
 
 
-def write_study(path: str, series: list, title: str, x_label: str,
-                frontier: bool = False) -> None:
+def write_study(path: str, series: list, title: str, x_label: str, **options) -> None:
     with open(path, "w") as f:
-        f.write(study_svg(series, title, x_label, frontier))
+        f.write(study_svg(series, title, x_label, **options))
 
 
 # ------------------------------------------------------------------------------------------

@@ -96,7 +96,8 @@ CPU_PRESET = {"cifar10": "cpu", "imagenet32": "cpu", "imagenet64": "cpu",
               "mnist": "fashion_mnist_cpu", "fashion_mnist": "fashion_mnist_cpu"}
 # A resumed run must use the same values of these.
 RECIPE_FLAGS = ("dataset", "preset", "batch_size", "steps", "lr", "warmup", "weight_decay",
-                "clip", "b1", "b2", "seed", "validation", "conditional", "label_dropout")
+                "clip", "b1", "b2", "seed", "validation", "train_images", "conditional",
+                "label_dropout")
 
 
 # ------------------------------------------------------------------------------------------
@@ -147,6 +148,8 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     a("--validation", type=int, metavar="N", help="hold out N training images (the last N of a "
       "fixed permutation): evaluations during training report their bits/dim and choose the "
       "best checkpoint; the test set is evaluated once, at the end")
+    a("--train_images", type=int, metavar="N", help="train on the first N training images "
+      "left after --validation's hold-out, the rest unused: the small-data regime")
     a("--conditional", action="store_true", default=None, help="learn p(x | label): every "
       "coupling reads the one-hot label through cross-attention (big_vision's context)")
     a("--label_dropout", type=float, help="conditional runs: probability that an example's "
@@ -309,8 +312,8 @@ def validate(f: dict) -> None:
                                       and ok(value)):
             raise ValueError(f"--{name} must be {what}, got {value!r}.")
     for name in ("steps", "batch_size", "eval_batch_size", "log_every", "eval_every",
-                 "ckpt_every", "validation", "depth", "patch_size", "block_depth", "emb_dim",
-                 "num_heads", "mlp_dim", "classify_images"):
+                 "ckpt_every", "validation", "train_images", "depth", "patch_size",
+                 "block_depth", "emb_dim", "num_heads", "mlp_dim", "classify_images"):
         check(name, lambda v: v == int(v) and v >= 1, "a positive integer")
     for name in ("epochs", "time_budget", "clip", "scale_factor"):
         check(name, lambda v: v > 0, "a positive number")

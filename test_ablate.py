@@ -445,6 +445,57 @@ def test_quick_study_across_budgets_then_reports_from_the_file_alone(tmp_path, m
         assert os.path.exists(sampled["samples"])
 
 
+@pytest.mark.slow
+def test_quick_scarce_data_and_transfer_then_report(tmp_path, monkeypatch, capsys):
+    """--quick scarce_data and transfer: a scarce run's test figure is its best held-out
+    checkpoint's, from the epoch of the held-out minimum (--eval_only on it gives both figures
+    again); transfer pretrains once on an npz set, fine-tunes from its params (--init_from),
+    shares its from-scratch scarce run with scarce_data, and scores every model on both test
+    sets; --report gives the same tables from the results file alone."""
+    monkeypatch.setattr(ablate, "SCARCE_VARIANTS", ablate.SCARCE_VARIANTS[:2])  # base, ActNorm
+    synthetic, rng = data.load("synthetic"), np.random.default_rng(0)
+    noisy = np.clip(synthetic["train"] + rng.integers(-20, 21, synthetic["train"].shape), 0, 255)
+    np.savez(tmp_path / "pre.npz", train=noisy.astype(np.uint8), test=synthetic["test"])
+    np.savez(tmp_path / "jpeg.npz", train=synthetic["train"], test=synthetic["test"] // 4 * 4)
+    argv = ["--quick", "--seeds", "1", "--workdir", str(tmp_path), "--experiment=scarce_data",
+            "--experiment=transfer", f"--pretrain_data=npz:{tmp_path / 'pre.npz'}",
+            f"--jpeg_data=npz:{tmp_path / 'jpeg.npz'}"]
+    tables = ablate.main(argv)
+    records = ablate.read_results(str(tmp_path / "results.jsonl"))
+    runs = [r for r in records if ablate.is_run(r)]
+    # scarce: base, ActNorm; transfer: pretraining, 2 fine-tunes, from scratch on all images
+    assert len(runs) == 6
+    regime = ablate.QUICK_SCARCE
+    evals_at = range(regime["eval_epochs"], regime["epochs"] + 1, regime["eval_epochs"])
+    for r in (r for r in runs if r.get("train_images")):
+        assert [c[0] for c in r["curve"]] == list(evals_at)
+        epoch, held, _ = min(r["curve"], key=lambda c: c[1])
+        assert r["best_epoch"] == epoch
+        v = next(v for v in ablate.SCARCE_VARIANTS if v.name == r["variant"])
+        again = train.main(["--eval_only", f"--workdir={tmp_path / 'runs' / r['id'] / 'best'}"],
+                           variants.make_model(v))
+        assert again["validation_bpd"] == pytest.approx(held, rel=1e-6)
+        assert again["test_bpd"] == r["test_bpd"]
+    pre = next(r for r in runs if r["dataset"].startswith("npz:"))
+    assert pre["data"] == data.digest(data.load(f"npz:{tmp_path / 'pre.npz'}"))
+    tuned = [r for r in runs if r.get("init_from")]
+    assert len(tuned) == 2 and all(r["init_from"] == pre["id"] for r in tuned)
+    started = f"Initialised params from {tmp_path / 'runs' / pre['id']}"
+    assert capsys.readouterr().out.count(started) == 2
+    evals = [r for r in records if r.get("kind") == "eval"]
+    assert len(evals) == 2 * 5 and len({e["data"] for e in evals}) == 2
+    scratch = next(r for r in runs if not r.get("train_images") and r["dataset"] == "synthetic")
+    lossless = next(e for e in evals if e["run"] == scratch["id"] and e["images"] == "synthetic")
+    assert lossless["bpd"] == pytest.approx(scratch["test_bpd"], rel=1e-2)  # other noise only
+    assert tables["transfer"].count("| all |") == 2 and tables["transfer"].count("| 64 |") == 2
+    with open(tmp_path / "scarce_data.svg") as f:
+        assert f.read().count("<circle") == 2 * len(evals_at)
+
+    monkeypatch.setattr(train, "main", lambda *a, **k: pytest.fail("a stored run was retrained"))
+    monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("--report read the data"))
+    assert ablate.main(argv + ["--report"]) == tables
+
+
 def test_report_refuses_mixed_images(tmp_path):
     """A results file with runs on two image sets is refused by --report, not averaged."""
     args = ablate.parse_args(["--quick", "--workdir", str(tmp_path)])

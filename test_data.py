@@ -463,6 +463,25 @@ def test_validation_split_partitions_the_training_set(size, draw):
     np.testing.assert_array_equal(again["validation"], out["validation"])
 
 
+@hypothesis.given(st.integers(3, 80), st.data())
+def test_train_images_keeps_the_first_n_and_the_same_held_out_set(size, draw):
+    """--train_images N (load_for_run): after the validation split, the first N of the
+    remaining training examples with their labels; the held-out set is the one the whole
+    training set gets, whatever N; N beyond what is left is refused."""
+    held = draw.draw(st.integers(1, size - 2))
+    n = draw.draw(st.integers(1, size - held))
+    ids = np.arange(size)
+    dataset = {"train": ids[:, None, None, None].astype(np.uint8), "train_labels": ids * 10,
+               "test": np.zeros((3, 1, 1, 1), np.uint8)}
+    full = data.validation_split(dataset, held)
+    out = data.first_images(full, n)
+    np.testing.assert_array_equal(out["train"], full["train"][:n])
+    np.testing.assert_array_equal(out["train_labels"], out["train"].ravel().astype(int) * 10)
+    np.testing.assert_array_equal(out["validation"], full["validation"])
+    with pytest.raises(data.DataError, match="--train_images"):
+        data.first_images(full, size - held + 1)
+
+
 @pytest.mark.parametrize("n", [0, 5, -1])
 def test_validation_split_needs_examples_left_to_train_on(n):
     with pytest.raises(data.DataError, match="--validation"):

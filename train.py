@@ -418,7 +418,7 @@ def command(args, model: dict) -> dict:
     if args.eval_only:
         return from_checkpoint(run, ckpt, args)
     run["args"], run["baseline"] = args, data.histogram_baselines(
-        run["sets"], f["dataset"], f.get("data_dir"), f.get("validation"))
+        run["sets"], f["dataset"], f.get("data_dir"), f.get("validation"), f.get("train_images"))
     state, plan = initial_state(run, ckpt)
     del ckpt["arrays"]  # the host copy of a restored state is no longer needed
     print(json.dumps({"flags": f, "config": dataclasses.asdict(cfg)}), flush=True)
