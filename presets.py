@@ -110,11 +110,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = refuse
     a = p.add_argument
-    a("--dataset", help="cifar10, mnist, fashion_mnist, imagenet32, imagenet64, npz:PATH or "
-      "synthetic (default: the checkpoint's, else cifar10)")
-    a("--data_dir", help=f"dataset cache / location (default {data.DEFAULT_DATA_DIR})")
-    a("--data_url", help="download from this URL instead of the official one (a mirror)")
-    a("--data_md5", help="expected md5 of a cifar10 archive you trust (e.g. a subset)")
+    _add_data_flags(a)
     a("--workdir", help="checkpoint, metrics.jsonl, curve.svg and sample grids (default "
       "runs/<dataset>-<preset>)")
     a("--preset", choices=sorted(PRESETS), help="named settings (default: the dataset's "
@@ -145,11 +141,6 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     a("--eval_every", type=int, help="steps between evaluations (and sample grids)")
     a("--ckpt_every", type=int, help="steps between checkpoints")
     a("--eval_batch_size", type=int, help="batch for evaluation (default --batch_size)")
-    a("--validation", type=int, metavar="N", help="hold out N training images (the last N of a "
-      "fixed permutation): evaluations during training report their bits/dim and choose the "
-      "best checkpoint; the test set is evaluated once, at the end")
-    a("--train_images", type=int, metavar="N", help="train on the first N training images "
-      "left after --validation's hold-out, the rest unused: the small-data regime")
     a("--conditional", action="store_true", default=None, help="learn p(x | label): every "
       "coupling reads the one-hot label through cross-attention (big_vision's context)")
     a("--label_dropout", type=float, help="conditional runs: probability that an example's "
@@ -165,6 +156,20 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
         raise ValueError(f"--sample must be >= 0 and every --temperature a positive number, "
                          f"got {args.sample} and {','.join(map(str, args.temperature))}.")
     return args
+
+
+def _add_data_flags(a) -> None:
+    """The images a run reads: the dataset, where it is, and how it is split."""
+    a("--dataset", help="cifar10, mnist, fashion_mnist, imagenet32, imagenet64, npz:PATH or "
+      "synthetic (default: the checkpoint's, else cifar10)")
+    a("--data_dir", help=f"dataset cache / location (default {data.DEFAULT_DATA_DIR})")
+    a("--data_url", help="download from this URL instead of the official one (a mirror)")
+    a("--data_md5", help="expected md5 of a cifar10 archive you trust (e.g. a subset)")
+    a("--validation", type=int, metavar="N", help="hold out N training images (the last N of a "
+      "fixed permutation): evaluations during training report their bits/dim and choose the "
+      "best checkpoint; the test set is evaluated once, at the end")
+    a("--train_images", type=int, metavar="N", help="train on the first N training images "
+      "left after --validation's hold-out, the rest unused: the small-data regime")
 
 
 def refuse(message: str):
