@@ -150,6 +150,7 @@ def run_variant(v: Variant, seed: int, budget: float | None, args, image_shape, 
     cfg = presets.make_config(flags, image_shape)
     flops = 3 * forward_flops(cfg, v)  # training step ~ forward + backward (2x forward)
     batch = int(flags["batch_size"])
+    per_epoch = None  # a held-out regime's steps per epoch
     if budget:
         steps = every = max(2, round(budget * 1e12 / (flops * batch)))
     else:
@@ -174,7 +175,7 @@ def run_variant(v: Variant, seed: int, budget: float | None, args, image_shape, 
     start = time.time()
     out = train.main(argv, model)
     if "validation" in regime:
-        out = held_out_result(workdir, out, model, steps // regime["epochs"])
+        out = held_out_result(workdir, out, model, per_epoch)
     wall = time.time() - start
     params = jax.eval_shape(lambda: model["init"](jax.random.key(0), cfg)[0])
     record = {"id": run_id, "variant": v.name, "seed": seed,
@@ -319,12 +320,11 @@ def run_scarce(args, image_shape, digest: str) -> None:
             run(v, args.seeds)
 
 
-def run_transfer(args, image_shape, digest: str) -> None:
+def run_transfer(args, image_shape, digest: str, test: np.ndarray) -> None:
     """Every run of the transfer table, then each one's bits/dim on the test images of
-    --dataset and of --jpeg_data (the JPEG-decoded copy), pair by pair."""
+    --dataset (`test`) and of --jpeg_data (the JPEG-decoded copy), pair by pair."""
     rows = transfer_runs([], args, image_shape, digest)
-    tests = {args.dataset: data.load(args.dataset, args.data_dir, md5=args.data_md5)["test"],
-             args.jpeg_data: data.load(args.jpeg_data)["test"]}
+    tests = {args.dataset: test, args.jpeg_data: data.load(args.jpeg_data)["test"]}
     for runs in rows.values():
         for run in runs:
             for name, images in tests.items():
@@ -371,7 +371,8 @@ def measure_costs(names: list[str], args, image_shape) -> None:
     results file as "cost" records; variants already measured are skipped."""
     seen = {json.dumps(r["key"], sort_keys=True) for r in read_results(args.results)
             if r.get("kind") == "cost"}
-    variants = [v for name in names for v in EXPERIMENTS.get(name, [[]] * 3)[2]] + [PLAIN_VIT]
+    variants = [v for name in names if name in EXPERIMENTS
+                for v in EXPERIMENTS[name][2]] + [PLAIN_VIT]
     for v in variants:
         key = json.dumps(run_key(v, 0, 0.0, args, ""), sort_keys=True)
         if key in seen:
@@ -457,7 +458,8 @@ def cost_table(records: list[dict], names: list[str], args, digest: str) -> str:
     lines = ["| variant | params | GFLOP/img | ms/step | memory | TFLOP | bpd, equal FLOPs | "
              "bpd, the base's training time |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: "
              "| ---: |"]
-    variants = list(dict.fromkeys(v for name in names for v in EXPERIMENTS.get(name, [[]] * 3)[2]))
+    variants = list(dict.fromkeys(v for name in names if name in EXPERIMENTS
+                                  for v in EXPERIMENTS[name][2]))
     for v in variants + [PLAIN_VIT]:
         cost = costs.get(json.dumps(run_key(v, 0, 0.0, args, ""), sort_keys=True))
         if cost is None:
@@ -668,7 +670,8 @@ def main(argv=None) -> dict[str, str]:
     if args.report:
         return report(read_results(args.results), names, args)
     image_shape = data.image_shape(args.dataset)
-    digest = data.digest(data.load(args.dataset, args.data_dir, md5=args.data_md5))
+    dataset = data.load(args.dataset, args.data_dir, md5=args.data_md5)
+    digest = data.digest(dataset)
     start = time.time()
     if args.costs:
         measure_costs(names, args, image_shape)
@@ -676,7 +679,7 @@ def main(argv=None) -> dict[str, str]:
     if "scarce_data" in names:
         run_scarce(args, image_shape, digest)
     if "transfer" in names:
-        run_transfer(args, image_shape, digest)
+        run_transfer(args, image_shape, digest, dataset["test"])
     print(f"ablate.py: {len(names)} experiment(s) in {timing.format_seconds(time.time() - start)}"
           f" (runs already in {args.results} were not repeated).")
     return report(read_results(args.results), names, args, digest)
