@@ -566,11 +566,9 @@ def scarce_report(records: list[dict], args, digest: str) -> str:
             for epoch, bpd, _ in r["curve"]:
                 by_epoch.setdefault(epoch, []).append(bpd)
         series.append((v.name, sorted(by_epoch.items())))
-    if series:  # no picture of nothing: an empty plot would be committed as if it were one
-        pictures.write_study(os.path.join(args.figures, "scarce_data.svg"), series,
-                             f"{regime['train_images']:,} training images: held-out bits/dim "
-                             "during training", "epoch", log_x=False,
-                             y_label="held-out bits/dim")
+    pictures.write_study(os.path.join(args.figures, "scarce_data.svg"), series,
+                         f"{regime['train_images']:,} training images: held-out bits/dim "
+                         "during training", "epoch", log_x=False, y_label="held-out bits/dim")
     return "\n".join(lines)
 
 

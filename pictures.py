@@ -215,6 +215,10 @@ def study_svg(series: list, title: str, x_label: str, frontier: bool = False,
 
 
 def write_study(path: str, series: list, title: str, x_label: str, **options) -> None:
+    """study_svg to `path`; nothing when no series has a point (an empty plot committed beside
+    the real pictures would read as a result)."""
+    if not any(points for _, points in series):
+        return
     with open(path, "w") as f:
         f.write(study_svg(series, title, x_label, **options))
 
