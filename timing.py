@@ -78,6 +78,24 @@ def run_line(f: dict, cfg: jet.Config, params, sets: dict, baseline: dict) -> st
 # ------------------------------------------------------------------------------------------
 # The clock: training time, without the evaluations and recompilations between steps
 
+IMPORTED = time.time()
+
+
+def process_start() -> float:
+    """When this process started, as time.time(): what a --time_budget counts from, imports,
+    data loading and the huge-page restart (an exec: the same process) included. Read from
+    Linux's /proc (to the clock tick); elsewhere, or if that reads wrong, when this module
+    was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        start = boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return IMPORTED
+    return start if IMPORTED - 600 < start <= IMPORTED + 1 else IMPORTED
+
 
 def start_clock(step: int) -> dict:
     """Started after the first step (which compiles): time and step of the start, the seconds
@@ -111,10 +129,13 @@ def steps_per_s(clock: dict, step: int) -> float:
 # --time_budget: the step count that fills the budget on this machine
 
 # The share of the budget that is planned; the re-timing: every `every` steps (the first
-# checkpoint interval of the plan) through the first RETIME_UNTIL of the run, the count is
-# corrected when it is more than RETIME_CHANGE off, by at most RETIME_MAX at once (the
-# learning-rate schedule, which depends on it, then moves smoothly).
-BUDGET_USED, RETIME_UNTIL, RETIME_CHANGE, RETIME_MAX = 0.95, 1 / 2, 0.02, 0.25
+# checkpoint interval of the plan, about a 30th of the run) until the last RETIME_LAST of
+# those intervals, the count is corrected when it is more than RETIME_CHANGE off: shortened as
+# far as the time left needs, lengthened by at most RETIME_MAX at once and never past what
+# fits. The rate it projects is that of the last RATE_WINDOW intervals, so a host that slows
+# down late is caught late. The learning-rate schedule continues from where it was
+# (train.schedule), so a new count never makes it jump.
+BUDGET_USED, RETIME_CHANGE, RETIME_MAX, RETIME_LAST, RATE_WINDOW = 0.95, 0.02, 0.25, 2, 3
 EVALS = 6  # evaluations in a budgeted run at most; 30 checkpoints, 100 log lines
 EVAL_SHARE, FINAL_SHARE = 0.1, 0.15  # of a budget, for the periodic evaluations and for the
 # last evaluation's classification by likelihood (a conditional model's: a pass per class)
@@ -230,11 +251,18 @@ def plan(f: dict, measured: dict, start_time: float, images: dict) -> dict:
     steps = max(evals, int(left / measured["step_s"]))
     print(f"{measured['step_s'] * 1e3:.0f} ms/step, {evals} evaluation{'s' * (evals > 1)} of "
           f"{eval_s:.0f} s (the last one {eval_s + final_s:.0f} s), compilation "
-          f"{measured['compile_s']:.0f} s: {steps} steps fit in {f['time_budget']:g} min.",
+          f"{measured['compile_s']:.0f} s: {steps} steps fit in {f['time_budget']:g} min "
+          f"({time.time() - start_time:.0f} s of it gone since the command started); planned "
+          f"end {clock_time(end)}, the budget's {clock_time(start_time + budget_s)}.",
           flush=True)
     return {"steps": steps, "evals": evals, "classify_images": classify, "end": end,
             "step_s": measured["step_s"], "eval_s": eval_s, "final_s": final_s,
-            "compile_s": measured["compile_s"], "evals_s": []}
+            "compile_s": measured["compile_s"], "evals_s": [], "checks": []}
+
+
+def clock_time(seconds: float) -> str:
+    """A time.time() instant as the local time of day, HH:MM:SS."""
+    return time.strftime("%H:%M:%S", time.localtime(seconds))
 
 
 def set_steps(f: dict, plan: dict, steps: int) -> None:
@@ -245,34 +273,62 @@ def set_steps(f: dict, plan: dict, steps: int) -> None:
     f.update({"steps": steps} | {k: cadences[k] for k in plan["own_cadences"]})
 
 
-def retime(plan: dict, clock: dict, step: int, steps: int) -> int:
-    """The step count that ends the run on its budget, from the rate of training since the
-    first step and the measured cost of its evaluations (plan["evals_s"]; the timed one before
-    any). A new count changes the schedule, so the step recompiles: `steps`, the current
-    count, is kept unless it is off by more than that recompilation costs; a new one pays for
-    it, moves by at most RETIME_MAX, and is at least one step more than `step` and one step
-    per evaluation. The timing phase sees a fresh process, which can be a fifth off the speed
-    of training under way."""
+def retime_due(plan: dict, step: int, steps: int) -> bool:
+    """Whether a budgeted run re-times at `step` of its `steps`: every plan["every"] steps,
+    until its last RETIME_LAST intervals."""
+    return step % plan["every"] == 0 and steps - step > RETIME_LAST * plan["every"]
+
+
+def recent_seconds_per_step(plan: dict, clock: dict, step: int) -> float:
+    """Training seconds per step over the last RATE_WINDOW re-timing intervals (from
+    plan["checks"], the (time, step, paused) of each re-timing; since the first step where
+    fewer have passed)."""
+    checks = plan["checks"]
+    then = checks[-RATE_WINDOW] if len(checks) >= RATE_WINDOW else (
+        clock["start"], clock["step"], 0.0)
+    return (time.time() - then[0] - (clock["paused"] - then[2])) / max(step - then[1], 1)
+
+
+def reserve_s(plan: dict) -> float:
+    """Seconds the rest of the run needs besides training: the evaluations to come, at the
+    measured cost of those done (the timed one before any), and the last one's extra passes."""
     eval_s = sum(plan["evals_s"]) / len(plan["evals_s"]) if plan["evals_s"] else plan["eval_s"]
-    reserve = (plan["evals"] - len(plan["evals_s"])) * eval_s + plan["final_s"]  # to come
-    rate, left = seconds_per_step(clock, step), plan["end"] - time.time() - reserve
+    return max(plan["evals"] - len(plan["evals_s"]), 0) * eval_s + plan["final_s"]
+
+
+def retime(plan: dict, clock: dict, step: int, steps: int) -> int:
+    """The step count that ends the run at the plan's end, from the recent rate of training
+    (recent_seconds_per_step) and what the rest needs besides (reserve_s). A new count
+    changes the schedule, so the step recompiles: `steps`, the current count, is kept unless
+    it is off by more than that recompilation costs. A new count pays for it; it is shortened
+    as far as the time left needs, lengthened by at most RETIME_MAX and never past what fits,
+    and it is at least one step more than `step` and one step per evaluation. The timing
+    phase sees a fresh process, which can be a fifth off the speed of training under way."""
+    rate = recent_seconds_per_step(plan, clock, step)
+    left = plan["end"] - time.time() - reserve_s(plan)  # for training
     if abs(step + left / rate - steps) * rate <= plan["compile_s"]:
         return steps
     fit = step + int((left - plan["compile_s"]) / rate)
-    bounded = min(max(fit, round((1 - RETIME_MAX) * steps)), round((1 + RETIME_MAX) * steps))
-    return max(bounded, step + 1, plan["evals"])
+    return max(min(fit, round((1 + RETIME_MAX) * steps)), step + 1, plan["evals"])
 
 
-def retime_run(f: dict, plan: dict, clock: dict, step: int) -> bool:
+def retime_run(f: dict, plan: dict, clock: dict, step: int, progress: float) -> bool:
     """Re-times a budgeted run (retime; process 0's count in a multi-process run) and applies
     the new count, and the cadences that follow from it, when it is more than RETIME_CHANGE
-    off; True then: the training step's schedule changes, so it must be rebuilt (pausing)."""
+    off; True then: the training step's schedule changes, so it must be rebuilt (pausing).
+    The schedule goes on from `progress`, where its cosine is at this step
+    (train.schedule_progress), and its warmup keeps its length."""
+    rate = recent_seconds_per_step(plan, clock, step)
     steps = cluster.from_process_0({"steps": retime(plan, clock, step, f["steps"])})["steps"]
+    plan["checks"].append((time.time(), step, clock["paused"]))
     if abs(steps - f["steps"]) <= RETIME_CHANGE * f["steps"]:
         return False
-    print(f"Re-timed at step {step}: {seconds_per_step(clock, step) * 1e3:.0f} ms/step (the "
-          f"timing phase measured {plan['step_s'] * 1e3:.0f}): {steps} steps instead of "
-          f"{f['steps']}.", flush=True)
+    ends = time.time() + plan["compile_s"] + (steps - step) * rate + reserve_s(plan)
+    print(f"Re-timed at step {step}: {rate * 1e3:.0f} ms/step lately (the timing phase "
+          f"measured {plan['step_s'] * 1e3:.0f}): {steps} steps instead of {f['steps']}, "
+          f"ending about {clock_time(ends)}.", flush=True)
+    f["warmup_steps"] = f.get("warmup_steps", round(f["warmup"] * f["steps"]))
+    f["schedule_from"] = [step, progress]
     set_steps(f, plan, steps)
     return True
 

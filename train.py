@@ -42,17 +42,36 @@ LABEL_DROPOUT_STREAM = 1  # label dropout's key: fold_in(the step's noise key, t
 # Optimizer: big_vision's chain (clip, Adam, lr, decoupled weight decay, schedule)
 
 
-def schedule(step, total_steps, warmup_steps):
-    """Multiplier in [0, 1]: linear warmup from 0, then cosine decay to 0 (big_vision)."""
-    progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+def schedule(step, total_steps, warmup_steps, since=(0, 0.0)):
+    """Multiplier in [0, 1]: linear warmup from 0, then cosine decay to 0 (big_vision). A
+    budgeted run that changes its step count at step s goes on from where its cosine was,
+    progress p (since = (s, p)): the rest of the cosine is compressed or stretched to end at
+    the new total_steps, so the rate never jumps and still reaches 0 at the last step."""
+    progress = schedule_progress(step, total_steps, warmup_steps, since)
     warm = jnp.minimum(1.0, step / warmup_steps) if warmup_steps else 1.0
     return 0.5 * (1 + jnp.cos(jnp.pi * progress)) * warm
 
 
+def schedule_progress(step, total_steps, warmup_steps, since=(0, 0.0)):
+    """How far the cosine has gone at `step`, in [0, 1]: p at step s (since), then linearly to
+    1 at total_steps; 0 through the warmup. since = (0, 0): the plain schedule."""
+    s, p = since
+    start = max(s, warmup_steps)
+    return p + (1 - p) * jnp.clip((step - start) / max(total_steps - start, 1), 0.0, 1.0)
+
+
 def run_schedule(f: dict):
-    """This run's schedule: step -> multiplier of the peak learning rate f["lr"]."""
-    return functools.partial(schedule, total_steps=f["steps"],
-                             warmup_steps=round(f["warmup"] * f["steps"]))
+    """This run's schedule: step -> multiplier of the peak learning rate f["lr"]. A re-timed
+    budget keeps its first warmup length and goes on from where the cosine was
+    (timing.retime_run sets warmup_steps and schedule_from)."""
+    return functools.partial(schedule, total_steps=f["steps"], since=tuple(
+        f.get("schedule_from", (0, 0.0))), warmup_steps=f.get(
+        "warmup_steps", round(f["warmup"] * f["steps"])))
+
+
+def run_progress(f: dict, step: int) -> float:
+    """Where this run's cosine is at `step` (schedule_progress on run_schedule's arguments)."""
+    return float(schedule_progress(step, **run_schedule(f).keywords))
 
 
 def make_optimizer(f: dict) -> optax.GradientTransformation:
@@ -253,7 +272,7 @@ def train(run: dict, state: dict, step: int, plan: dict | None) -> dict:
     --log_every steps (a shorter one when PROGRESS_SECONDS pass without one); an evaluation
     every --eval_every; a checkpoint every --ckpt_every; each also at the last step. Asked to
     stop (SIGTERM, Ctrl-C), it checkpoints the step just taken and exits. A budgeted run
-    (plan) is re-timed through the first half of its steps."""
+    (plan) is re-timed on a fixed cadence until near its end (timing.retime_due)."""
     f, cfg, put = run["f"], run["cfg"], run["put_batch"]
     images, labels = run["sets"]["train"], run["sets"].get("train_labels")
     noise_key, meta = run_keys(jax.random.wrap_key_data(state["rng"]))["noise"], run["meta"] or {}
@@ -291,8 +310,8 @@ def train(run: dict, state: dict, step: int, plan: dict | None) -> dict:
                 result |= evaluate_at(run, state, step, carried, clock, plan)
             if "ckpt_every" in due:
                 save(run, state, step, carried)
-            if plan and step % plan["every"] == 0 and step < timing.RETIME_UNTIL * f["steps"]:
-                if timing.retime_run(f, plan, clock, step):  # a new schedule: a new step
+            if plan and timing.retime_due(plan, step, f["steps"]):
+                if timing.retime_run(f, plan, clock, step, run_progress(f, step)):
                     train_step = timing.pausing(make_train_step(cfg, f, run["model"]["forward"]),
                                                 clock)
             if (signum := cluster.agreed_stop(stop, put)) and step < f["steps"]:
@@ -384,7 +403,9 @@ def save(run: dict, state: dict, step: int, carried: dict, name="checkpoint.npz"
 
 def main(argv=None, model=None, restart: bool = False) -> dict:
     """train.py's command line (default sys.argv[1:]); bad flags, data or checkpoints raise
-    ValueError, a non-finite loss FloatingPointError. restart: may restart with huge pages."""
+    ValueError, a non-finite loss FloatingPointError. restart: the command line's call, which
+    may restart with huge pages and whose time counts from the process's start."""
+    started = timing.process_start() if restart else time.time()
     args = presets.parse_args(argv, __doc__)
     if restart and args.huge_pages and not args.distributed:
         timing.restart_with_huge_pages(__file__, "train")
@@ -392,17 +413,18 @@ def main(argv=None, model=None, restart: bool = False) -> dict:
     args.workdir = args.workdir or presets.default_workdir(args, jax.default_backend())
     cluster.check_workdir(args.workdir, writes=not args.eval_only)
     with cluster.workdir_lock(args.workdir, training=not (args.sample or args.eval_only)):
-        return command(args, model or JET)
+        return command(args, model or JET, started)
 
 
-def command(args, model: dict) -> dict:
-    """What the flags ask for: --sample, --eval_only, or training."""
+def command(args, model: dict, started: float) -> dict:
+    """What the flags ask for: --sample, --eval_only, or training. started: when the command
+    began, which a --time_budget counts from (a resumed run: its checkpoint's time before)."""
     ckpt = checkpoints.open_workdir(args.workdir, model["name"], args.sample or args.eval_only)
     cluster.check_same_checkpoint(args.workdir, ckpt["meta"])
     f, cfg = presets.settings(args, ckpt["meta"], jax.default_backend())
     run = {"f": f, "cfg": cfg, "meta": ckpt["meta"], "model": model, "workdir": args.workdir,
            "temperature": args.temperature,
-           "started": time.time() - (ckpt["meta"] or {}).get("time_s", 0.0)}
+           "started": time.time() - ckpt["meta"]["time_s"] if ckpt["meta"] else started}
     if args.sample:
         return from_checkpoint(run, ckpt, args)
     run["sets"], K = data.load_for_run(f, cfg.image_shape)
