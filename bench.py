@@ -14,6 +14,7 @@ usual for utilisation figures).
 
 import argparse
 import dataclasses
+import functools
 import json
 import resource
 import sys
@@ -101,7 +102,7 @@ def main(argv=None) -> dict:
     cfg, flags = presets.preset_settings(args.preset, overrides | {"steps": 1000},
                                          args.image_shape or image_shape(args.preset))
     batch, dtype = flags["batch_size"], presets.compute_dtype({"dtype": args.dtype})
-    params, perms = jax.jit(jet.init, static_argnums=1)(jax.random.key(0), cfg)
+    params, perms = jax.jit(jet.init)(jax.random.key(0), cfg)
     images = jax.device_put(
         np.random.default_rng(0).integers(0, 256, (batch, *cfg.image_shape), np.uint8))
     result = {"config": dataclasses.asdict(cfg), "batch": batch, "dtype": args.dtype,
@@ -151,8 +152,8 @@ def time_inference(cfg, params, perms, images, dtype, steps) -> dict:
     evaluate = jax.jit(lambda p, x: jet.bits_per_dim(*jet.forward(p, perms, x, cfg,
                                                                   compute_dtype=dtype)))
     _, eval_s = timed(evaluate, params, x, steps=steps)
-    _, sample_s = timed(train.sample_jit, params, perms, noise, batch, cfg, 1.0, dtype,
-                        steps=steps)
+    sample = functools.partial(train.sample_jit, n=batch, compute_dtype=dtype)
+    _, sample_s = timed(lambda p: sample(p, perms, noise, cfg=cfg), params, steps=steps)
     return {"eval_img_per_s": batch / eval_s, "sample_img_per_s": batch / sample_s}
 
 

@@ -13,13 +13,14 @@ import checkpoints
 import data
 import jet
 
-def tracking_affine(p, x1, x2, k, context=None):
+
+def tracking_affine(p, x1, x2, k, *, net, context=None):
     """jet.affine_forward on the first quarter of the batch [4B, N, D/2]; the other three
     quarters carry, for each dimension, the sum of its log-scales, the number of couplings that
     transformed it, and how many of those scales were past 0.99 k. Splits and merges move every
     example's values alike, so what is stacked on the batch axis follows its dimension."""
     B = x1.shape[0] // 4
-    b, s = jet.coupling_net(p, x1[:B])  # unconditional: context is None
+    b, s = net(p, x1[:B])  # unconditional: context is None
     scale, logdet = jet.coupling_scale(s, k)
     h2, log_scale, room, saturated = jnp.split(x2, 4)
     y2 = jnp.concatenate([(h2 + b) * scale, log_scale + jnp.log(scale), room + 1,
@@ -37,8 +38,8 @@ def trace(params, perms, x, cfg: jet.Config) -> dict[str, jax.Array]:
     stacked = jnp.concatenate([h, jnp.zeros_like(h), jnp.zeros_like(h), jnp.zeros_like(h)])
     B, image = x.shape[0], lambda t: jet.unpatchify(t, cfg.patch_size, cfg.image_shape)  # noqa: E731
     states, logdets = [x], []
-    for stacked, logdet in jet.plain_couplings(params, perms, stacked, cfg, None,
-                                               tracking_affine):
+    for stacked, logdet in jet.plain_couplings(params, perms, stacked, cfg,
+                                               affine=tracking_affine):
         states.append(image(stacked[:B]))
         logdets.append(logdet[:B])
     z, log_scale, room, saturated = (image(t) for t in jnp.split(stacked, 4))
@@ -54,7 +55,7 @@ def where_bits(run: str, num_images: int, data_dir: str | None = None) -> str:
     state, cfg, meta = checkpoints.read_run(run)
     images = data.load(meta["flags"]["dataset"], data_dir)["test"][:num_images]
     x = jet.dequantize(jax.random.key(0), jnp.asarray(images))
-    out = jax.jit(trace, static_argnums=3)(state["params"], state["perms"], x, cfg)
+    out = jax.jit(trace)(state["params"], state["perms"], x, cfg)
     zero = images == 0
     rows = [f"{run} (step {meta['step']}, {len(images)} test images): "
             f"{float(out['bits'].mean()):.3f} bits/dim", "",

@@ -25,6 +25,32 @@ Every coupling sees N tokens of width D/2 (x1) and predicts N tokens of width D 
 whatever its kind, so all couplings share shapes and run under one `jax.lax.scan`.
 `plain_forward` / `plain_inverse` are the flow as the paper writes it; `forward` / `inverse`
 compute the same map faster (one gather per coupling instead of two) and are what training uses.
+
+Arguments, everywhere: params first (what jax.grad differentiates), then the PRNG key of a
+function that draws (init, dequantize, sample), then the data, then the static Config; every
+option after those is keyword-only (remat, compute_dtype, context, precision, ...). A Config
+is a static pytree, so jax.jit(jet.forward) needs no static_argnums. Every function here is
+usable on its own: its docstring names the other definitions it needs ("Needs:"), and
+nothing here calls jit.
+
+Usage (test_jet.py runs it):
+
+    import jax, numpy as np, jet
+    cfg = jet.Config(image_shape=(16, 16, 3), patch_size=4, depth=4, emb_dim=32, num_heads=2)
+    params, perms = jet.init(jax.random.key(0), cfg)  # perms: fixed splits, never trained
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), np.uint8)
+
+    def loss(params, key):  # mean bits/dim of the batch: the training loss
+        x = jet.dequantize(key, images)  # uint8 -> [-1, 1 + 1/127.5), uniform noise added
+        z, logdet = jet.forward(params, perms, x, cfg)  # z ~ N(0, I) once trained
+        return jet.bits_per_dim(z, logdet).mean()
+    bpd, grads = jax.jit(jax.value_and_grad(loss))(params, jax.random.key(1))
+
+    x = jet.dequantize(jax.random.key(2), images)
+    z, logdet = jax.jit(jet.forward)(params, perms, x, cfg)
+    x_back, _ = jax.jit(jet.inverse)(params, perms, z, cfg)  # x again, to float rounding
+    samples = jax.jit(jet.sample, static_argnames="n")(params, perms, jax.random.key(3), 4,
+                                                       cfg, temperature=0.8)  # uint8 [4, ...]
 """
 
 import dataclasses
@@ -78,11 +104,21 @@ class Config:
     def token_dim(self) -> int:  # D
         return self.patch_size ** 2 * self.image_shape[2]
 
+    def coupling_net_sizes(self) -> dict:
+        """init_coupling_net's sizes for this Config's couplings."""
+        return {"num_tokens": self.num_tokens, "token_dim": self.token_dim,
+                "emb_dim": self.emb_dim, "num_heads": self.num_heads,
+                "block_depth": self.block_depth, "mlp_dim": self.mlp_dim,
+                "context_dim": self.context_dim}
+
     def couplings(self) -> tuple[tuple[str, str], ...]:
         """(kind, projection) of each coupling, cycled as big_vision's _interleave_couplings."""
         kinds, cp, sp = map(itertools.cycle, (self.kinds, self.channel_projs, self.spatial_projs))
         return tuple((kind, next(cp) if kind == "channels" else next(sp))
                      for kind in itertools.islice(kinds, self.depth))
+
+
+jax.tree_util.register_static(Config)  # jit treats a Config argument as static, no leaves
 
 
 def _validate(cfg: Config) -> None:
@@ -107,10 +143,11 @@ def _validate(cfg: Config) -> None:
     H, W, C = cfg.image_shape
     P = cfg.patch_size
     if H % P or W % P:
-        fail(f"patch_size={P} must divide the image height and width, got H={H}, W={W}.")
+        fail(f"patch_size={P} must divide the image height and width, got H={H}, W={W}. "
+             + _fixes_line(cfg))
     if cfg.token_dim % 2:
         fail(f"a token has D = P*P*C = {P}*{P}*{C} = {cfg.token_dim} dims, an odd number, "
-             "but every coupling feeds D/2 dims to its ViT; use an even patch_size.")
+             "but every coupling feeds D/2 dims to its ViT. " + _fixes_line(cfg))
     for field, allowed in (("kinds", KINDS), ("channel_projs", CHANNEL_PROJS),
                            ("spatial_projs", SPATIAL_PROJS)):
         values = getattr(cfg, field)
@@ -118,25 +155,59 @@ def _validate(cfg: Config) -> None:
             fail(f"{field}={values}: each entry must be one of {allowed} (at least one).")
     nh, nw = cfg.grid
     for proj in {proj for kind, proj in cfg.couplings() if kind == "spatial"}:
-        n1 = int(spatial_pattern(proj, nh, nw).sum())
-        if 2 * n1 != nh * nw:
+        if not _halves(proj, nh, nw):
+            n1 = int(spatial_pattern(proj, nh, nw).sum())
             needs = {"h": "token rows (H/P)", "v": "token columns (W/P)", "c": "tokens"}[proj[0]]
             fail(f"spatial projection {proj!r} splits the {nh}x{nw} token grid into {n1} and "
-                 f"{nh * nw - n1} tokens, not two equal halves; it needs an even number of "
-                 f"{needs}. Change image_shape or patch_size, or drop it from spatial_projs.")
+                 f"{nh * nw - n1} tokens, not two equal halves: it needs an even number of "
+                 f"{needs}. " + _fixes_line(cfg))
+
+
+def _halves(proj: str, nh: int, nw: int) -> bool:
+    """Whether a spatial pattern splits an nh x nw token grid into two equal halves."""
+    return 2 * int(spatial_pattern(proj, nh, nw).sum()) == nh * nw
+
+
+def _fixes(cfg: Config) -> list[dict]:
+    """Changes of an invalid Config's fields that make it valid for its image (as far as the
+    image is concerned): another patch size whose grid every spatial projection in use halves;
+    only the spatial projections that halve this grid; or no spatial couplings."""
+    (H, W, C), P = cfg.image_shape, cfg.patch_size
+    projs = {proj for kind, proj in cfg.couplings() if kind == "spatial"}
+
+    def fits(p):  # p divides the image, D is even
+        return H % p == 0 and W % p == 0 and p * p * C % 2 == 0
+    fixes = [{"patch_size": p} for p in range(1, min(H, W) + 1) if p != P and fits(p)
+             and all(_halves(proj, H // p, W // p) for proj in projs)]
+    if fits(P) and projs:
+        fixes.append({"kinds": ("channels",)})
+        kept = tuple(proj for proj in cfg.spatial_projs if _halves(proj, H // P, W // P))
+        if kept:
+            fixes.append({"spatial_projs": kept})
+    return fixes
+
+
+def _fixes_line(cfg: Config) -> str:
+    """The fixes, as the error states them: each one change of fields (test_jet.py builds
+    each)."""
+    fixes = "; ".join(", ".join(f"{k}={v!r}" for k, v in fix.items()) for fix in _fixes(cfg))
+    return (f"These work for image_shape={cfg.image_shape}: {fixes}." if fixes else
+            f"No patch size fits image_shape={cfg.image_shape} with an even D; pad the image.")
 
 
 # ---- Patches: "b (h P) (w P) c -> b (h w) (P P c)" ---------------------------------------
 
 def patchify(x: jax.Array, patch_size: int) -> jax.Array:
-    """[B, H, W, C] -> [B, N, D], patches in row-major order, each flattened (P, P, C)."""
+    """[B, H, W, C] -> [B, N, D], patches in row-major order, each flattened (P, P, C).
+    Needs: nothing."""
     (B, H, W, C), P = x.shape, patch_size
     x = x.reshape(B, H // P, P, W // P, P, C)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(B, (H // P) * (W // P), P * P * C)
 
 
 def unpatchify(x: jax.Array, patch_size: int, image_shape: tuple[int, int, int]) -> jax.Array:
-    """[B, N, D] -> [B, H, W, C]; the exact inverse of `patchify` (non-square images too)."""
+    """[B, N, D] -> [B, H, W, C]; the exact inverse of `patchify` (non-square images too).
+    Needs: nothing."""
     (H, W, C), P = image_shape, patch_size
     x = x.reshape(x.shape[0], H // P, W // P, P, P, C)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape[0], H, W, C)
@@ -146,7 +217,7 @@ def unpatchify(x: jax.Array, patch_size: int, image_shape: tuple[int, int, int])
 
 def spatial_pattern(proj: str, nh: int, nw: int) -> np.ndarray:
     """Bool [nh, nw], True where a token goes to x1: checkerboard (row + col) even, vstripes col
-    even, hstripes row even; "-inv" swaps the halves."""
+    even, hstripes row even; "-inv" swaps the halves. Needs: nothing."""
     row, col = np.mgrid[:nh, :nw]
     base = {"checkerboard": row + col, "vstripes": col, "hstripes": row}[proj.removesuffix("-inv")]
     return (base % 2 == 0) != proj.endswith("-inv")
@@ -154,7 +225,7 @@ def spatial_pattern(proj: str, nh: int, nw: int) -> np.ndarray:
 
 def channel_split_index(perm: jax.Array, num_tokens: int) -> jax.Array:
     """Index [N*D] into the flat [N, D] patch grid: x1 = dims perm[:D/2] of every token laid out
-    [N, D/2], then x2 = dims perm[D/2:] likewise."""
+    [N, D/2], then x2 = dims perm[D/2:] likewise. Needs: nothing."""
     D = perm.shape[0]
     index = jnp.arange(num_tokens)[:, None] * D + perm[None, :]  # [N, D], dims in perm order
     return index.reshape(num_tokens, 2, D // 2).transpose(1, 0, 2).reshape(-1)
@@ -163,14 +234,15 @@ def channel_split_index(perm: jax.Array, num_tokens: int) -> jax.Array:
 def spatial_split_index(tokens: jax.Array, token_dim: int) -> jax.Array:
     """Index [N*D]: x1 = whole tokens tokens[:N/2], x2 = tokens[N/2:]. As in big_vision, each
     token of width D is read as two consecutive tokens of width D/2, so x1 and x2 are [N, D/2]
-    exactly as in a channel coupling."""
+    exactly as in a channel coupling. Needs: nothing."""
     return (tokens[:, None] * token_dim + jnp.arange(token_dim)[None, :]).reshape(-1)
 
 
 def split_index(key: jax.Array, kind: str, proj: str, cfg: Config, token_dim: int) -> jax.Array:
     """The split index [N*token_dim] of one coupling: a channel coupling's from a random
     permutation (drawn from key) of each token's token_dim values, a spatial one's from its
-    pattern over the token grid."""
+    pattern over the token grid. Needs: channel_split_index, spatial_pattern,
+    spatial_split_index."""
     if kind == "channels":  # proj == "random"
         return channel_split_index(jax.random.permutation(key, token_dim), cfg.num_tokens)
     mask = spatial_pattern(proj, *cfg.grid).reshape(-1)
@@ -180,61 +252,71 @@ def split_index(key: jax.Array, kind: str, proj: str, cfg: Config, token_dim: in
 
 def init_perms(key: jax.Array, cfg: Config) -> jax.Array:
     """int32 [depth, N*D]: row i is the split index of coupling i, its channel permutation drawn
-    from fold_in(key, i). Fixed, never trained."""
+    from fold_in(key, i). Fixed, never trained. Needs: split_index."""
     return jnp.stack([split_index(jax.random.fold_in(key, i), kind, proj, cfg, cfg.token_dim)
                       for i, (kind, proj) in enumerate(cfg.couplings())]).astype(jnp.int32)
 
 
 def halves(x: jax.Array, num_tokens: int) -> tuple[jax.Array, jax.Array]:
-    """[B, N*D] in a coupling's split order -> x1, x2, each [B, N, D/2]."""
+    """[B, N*D] in a coupling's split order -> x1, x2, each [B, N, D/2]. Needs: nothing."""
     return tuple(h.reshape(x.shape[0], num_tokens, -1) for h in jnp.split(x, 2, axis=1))
 
 
 def inverse_permutation(index: jax.Array) -> jax.Array:
-    """argsort of a permutation [n], computed as a scatter: exact, and no sort."""
+    """argsort of a permutation [n], computed as a scatter: exact, and no sort. Needs: nothing."""
     return jnp.zeros_like(index).at[index].set(jnp.arange(index.shape[0], dtype=index.dtype))
 
 
 def split(x: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[B, N, D] -> x1, x2, each [B, N, D/2], by one exact gather."""
+    """[B, N, D] -> x1, x2, each [B, N, D/2], by one exact gather with a split index [N*D]
+    (a row of init_perms). Needs: halves."""
     B, N, D = x.shape
     return halves(jnp.take(x.reshape(B, N * D), index, axis=1), N)
 
 
 def merge(x1: jax.Array, x2: jax.Array, index: jax.Array) -> jax.Array:
-    """x1, x2 [B, N, D/2] -> [B, N, D]; the exact inverse of `split`."""
+    """x1, x2 [B, N, D/2] -> [B, N, D]; the exact inverse of `split`. Needs:
+    inverse_permutation."""
     B, N, half = x1.shape
     x = jnp.concatenate([x1.reshape(B, N * half), x2.reshape(B, N * half)], axis=1)
     return jnp.take(x, inverse_permutation(index), axis=1).reshape(B, N, 2 * half)
 
 
 # ---- ViT pieces (pre-LN blocks as big_vision's vit.Encoder1DBlock), on [B, N, E] activations ---
+#
+# precision: of every matmul, jax.lax.Precision (default HIGHEST: float32 stays float32 where
+# GPUs would use TF32); None follows jax.default_matmul_precision.
 
 _lecun_normal = jax.nn.initializers.lecun_normal()  # flax nn.Dense default
 _xavier_uniform = jax.nn.initializers.xavier_uniform()  # big_vision ViT kernels
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def init_dense(key, d_in, d_out, kernel_init=_lecun_normal, bias_std=0.0, dtype=jnp.float32):
+    """{"kernel": [d_in, d_out], "bias": [d_out]}. Needs: _lecun_normal."""
     kb, kk = jax.random.split(key)
     return {"kernel": kernel_init(kk, (d_in, d_out), dtype),
             "bias": bias_std * jax.random.normal(kb, (d_out,), dtype)}
 
 
-def matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+def matmul(spec: str, x: jax.Array, w: jax.Array, *, precision=HIGHEST) -> jax.Array:
     """einsum of activations x and weights w in w's dtype (bfloat16 in bf16 mode), accumulated
-    and returned in x's dtype. HIGHEST: float32 stays float32 (GPUs default to TF32)."""
-    return jnp.einsum(spec, x.astype(w.dtype), w, precision=jax.lax.Precision.HIGHEST,
+    and returned in x's dtype. Needs: HIGHEST."""
+    return jnp.einsum(spec, x.astype(w.dtype), w, precision=precision,
                       preferred_element_type=x.dtype)
 
 
-def dense(p, x):
+def dense(p, x, *, precision=HIGHEST):
     """[..., d_in] -> [..., d_out] as one [M, d_in] matmul over all leading positions: XLA:CPU
-    then reads the weight gradient's cotangent in place (a [B, N, d] einsum transposed it)."""
-    y = matmul("mi,io->mo", x.reshape(-1, x.shape[-1]), p["kernel"]) + p["bias"][None]
+    then reads the weight gradient's cotangent in place (a [B, N, d] einsum transposed it).
+    Needs: matmul."""
+    y = matmul("mi,io->mo", x.reshape(-1, x.shape[-1]), p["kernel"], precision=precision)
+    y = y + p["bias"][None]
     return y.reshape(*x.shape[:-1], -1)
 
 
 def init_layer_norm(d, dtype=jnp.float32):
+    """{"scale": ones [d], "bias": zeros [d]}. Needs: nothing."""
     return {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
 
 
@@ -246,7 +328,8 @@ def _standardize(x, eps):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def standardize(x, eps):
-    """xhat = (x - mean) / sqrt(var + eps) over the last axis; LayerNorm without scale and bias."""
+    """xhat = (x - mean) / sqrt(var + eps) over the last axis; LayerNorm without scale and bias.
+    Needs: _standardize, _standardize_jvp."""
     return _standardize(x, eps)[0]
 
 
@@ -260,6 +343,7 @@ def _standardize_jvp(eps, primals, tangents):
 
 
 def layer_norm(p, x, eps=1e-6):  # eps: flax nn.LayerNorm default
+    """standardize(x) * scale + bias over the last axis. Needs: standardize."""
     scale, bias = (p[n].reshape((1,) * (x.ndim - 1) + (-1,)) for n in ("scale", "bias"))
     return standardize(x, eps) * scale + bias
 
@@ -269,7 +353,8 @@ def init_attention(key, emb_dim, num_heads, dtype=jnp.float32, kv_dim=None,
     """Per-head projections shaped as flax MultiHeadDotProductAttention's: query [E, heads,
     E/heads], key and value [kv_dim, heads, E/heads] (kv_dim: the keys' and values' input width,
     E for self-attention), out [heads, E/heads, E]; biases zero. Kernels are drawn as flax draws
-    them, on the flat [fan_in, fan_out] matrix; out_init defaults to kernel_init."""
+    them, on the flat [fan_in, fan_out] matrix; out_init defaults to kernel_init. Needs:
+    _xavier_uniform."""
     head_dim = emb_dim // num_heads
     kv_dim = kv_dim or emb_dim
     keys = jax.random.split(key, 4)
@@ -285,145 +370,168 @@ def init_attention(key, emb_dim, num_heads, dtype=jnp.float32, kv_dim=None,
     return p
 
 
-def attention(p, x, kv=None):
+def attention(p, x, kv=None, *, precision=HIGHEST):
     """Multi-head attention, queries from x [B, N, E], keys and values from kv [B, T, C]
-    (self-attention when kv is None: kv = x) -> [B, N, E]; query scaled by head_dim^-1/2."""
+    (self-attention when kv is None: kv = x) -> [B, N, E]; query scaled by head_dim^-1/2.
+    Needs: dense, matmul."""
     B, N, E = x.shape
     kv = x if kv is None else kv
 
     def heads(name, v):  # [B, T, C] -> [B, heads, T, head_dim]; heads-major: fast matmuls
         w = p[name]["kernel"]  # [C, heads, head_dim]
-        y = dense({"kernel": w.reshape(w.shape[0], -1), "bias": p[name]["bias"].reshape(-1)}, v)
+        y = dense({"kernel": w.reshape(w.shape[0], -1), "bias": p[name]["bias"].reshape(-1)}, v,
+                  precision=precision)
         return y.reshape(*v.shape[:2], *w.shape[1:]).transpose(0, 2, 1, 3)
     q, k, v = heads("query", x), heads("key", kv), heads("value", kv)
     q = q / math.sqrt(q.shape[-1])
     mm = p["out"]["kernel"].dtype  # the matmul dtype
-    logits = matmul("bhqd,bhkd->bhqk", q, k.astype(mm))  # [B, h, N, T]
+    logits = matmul("bhqd,bhkd->bhqk", q, k.astype(mm), precision=precision)  # [B, h, N, T]
     # softmax(logits) @ v with the normalisation applied after the product (on [B, h, N, d],
     # not [B, h, N, T]); the max shift cancels exactly, so it needs no gradient.
     e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-    out = matmul("bhqk,bhkd->bhqd", e, v.astype(mm)) / e.sum(-1, keepdims=True)
+    out = matmul("bhqk,bhkd->bhqd", e, v.astype(mm), precision=precision) / e.sum(
+        -1, keepdims=True)
     out = out.transpose(0, 2, 1, 3).reshape(B, N, -1)  # heads side by side again
     w = p["out"]["kernel"]  # [heads, head_dim, E]
-    return dense({"kernel": w.reshape(-1, w.shape[-1]), "bias": p["out"]["bias"]}, out)
+    return dense({"kernel": w.reshape(-1, w.shape[-1]), "bias": p["out"]["bias"]}, out,
+                 precision=precision)
 
 
 def init_mlp(key, emb_dim, mlp_dim, dtype=jnp.float32):
+    """Two dense layers, E -> mlp_dim -> E. Needs: init_dense, _xavier_uniform."""
     k1, k2 = jax.random.split(key)
     return {"fc1": init_dense(k1, emb_dim, mlp_dim, _xavier_uniform, 1e-6, dtype),
             "fc2": init_dense(k2, mlp_dim, emb_dim, _xavier_uniform, 1e-6, dtype)}
 
 
-def mlp(p, x):
-    """[..., E] -> [..., mlp_dim] -> [..., E], tanh-approximated GELU (flax nn.gelu)."""
-    return dense(p["fc2"], jax.nn.gelu(dense(p["fc1"], x), approximate=True))
+def mlp(p, x, *, precision=HIGHEST):
+    """[..., E] -> [..., mlp_dim] -> [..., E], tanh-approximated GELU (flax nn.gelu).
+    Needs: dense."""
+    h = jax.nn.gelu(dense(p["fc1"], x, precision=precision), approximate=True)
+    return dense(p["fc2"], h, precision=precision)
 
 
-def init_vit_block(key, cfg: Config, dtype=jnp.float32):
+def init_vit_block(key, emb_dim: int, num_heads: int, mlp_dim: int | None = None,
+                   dtype=jnp.float32) -> dict:
+    """One pre-LN ViT block of width emb_dim (mlp_dim None: 4 * emb_dim, as big_vision).
+    Needs: init_layer_norm, init_attention, init_mlp."""
     ka, km = jax.random.split(key)
-    return {"ln1": init_layer_norm(cfg.emb_dim, dtype),
-            "attention": init_attention(ka, cfg.emb_dim, cfg.num_heads, dtype),
-            "ln2": init_layer_norm(cfg.emb_dim, dtype),
-            "mlp": init_mlp(km, cfg.emb_dim, cfg.mlp_dim or 4 * cfg.emb_dim, dtype)}
+    return {"ln1": init_layer_norm(emb_dim, dtype),
+            "attention": init_attention(ka, emb_dim, num_heads, dtype),
+            "ln2": init_layer_norm(emb_dim, dtype),
+            "mlp": init_mlp(km, emb_dim, mlp_dim or 4 * emb_dim, dtype)}
 
 
-def vit_block(p, x):
+def vit_block(p, x, *, precision=HIGHEST):
     """Pre-LN transformer block with residuals, [B, N, E]: x + attn(LN(x)), then + mlp(LN(.)).
-    The residual stream runs as [B*N, E] rows, which XLA:CPU differentiates faster."""
+    The residual stream runs as [B*N, E] rows, which XLA:CPU differentiates faster. Needs:
+    layer_norm, attention, mlp."""
     B, N, E = x.shape
     h = x.reshape(B * N, E)
-    h = h + attention(p["attention"], layer_norm(p["ln1"], h).reshape(B, N, E)).reshape(B * N, E)
-    h = h + mlp(p["mlp"], layer_norm(p["ln2"], h))
+    a = attention(p["attention"], layer_norm(p["ln1"], h).reshape(B, N, E), precision=precision)
+    h = h + a.reshape(B * N, E)
+    h = h + mlp(p["mlp"], layer_norm(p["ln2"], h), precision=precision)
     return h.reshape(B, N, E)
 
 
 # ---- Coupling net: x1 [B, N, D/2] -> b, s [B, N, D/2] (big_vision's DNN) -----------------
 
-def init_coupling_net(key, cfg: Config, dtype=jnp.float32):
-    """Parameters of one coupling's ViT; the output layer is zero, so the coupling starts as
-    y2 = x2 * sigmoid(0) * k, which is the identity for the default k = 2. A conditional Config
-    adds `context_attention` (flax MultiHeadDotProductAttention's defaults: lecun_normal
-    kernels, zero biases; its output kernel zero as in big_vision, so the model starts as the
-    unconditional one)."""
-    N, D, E = cfg.num_tokens, cfg.token_dim, cfg.emb_dim
+def init_coupling_net(key, *, num_tokens: int, token_dim: int, emb_dim: int, num_heads: int,
+                      block_depth: int = 1, mlp_dim: int | None = None,
+                      context_dim: int | None = None, dtype=jnp.float32) -> dict:
+    """Parameters of one coupling's ViT for N = num_tokens tokens of D = token_dim values (it
+    reads D/2, writes b and s, D/2 each); the output layer is zero, so the coupling starts as
+    y2 = x2 * sigmoid(0) * k, which is the identity for the default k = 2. A context_dim adds
+    `context_attention` (flax MultiHeadDotProductAttention's defaults: lecun_normal kernels,
+    zero biases; its output kernel zero as in big_vision, so the model starts as the
+    unconditional one). Needs: init_dense, init_vit_block, init_layer_norm, init_attention,
+    _lecun_normal."""
+    N, D, E = num_tokens, token_dim, emb_dim
     k_in, k_pos, k_blocks, k_out = jax.random.split(key, 4)
-    block_keys = jax.random.split(k_blocks, cfg.block_depth)
+    block_keys = jax.random.split(k_blocks, block_depth)
     p = {"init_proj": init_dense(k_in, D // 2, E, dtype=dtype),
          "posemb": jax.random.normal(k_pos, (N, E), dtype) / math.sqrt(E),
-         "blocks": jax.vmap(lambda k: init_vit_block(k, cfg, dtype))(block_keys),
+         "blocks": jax.vmap(lambda k: init_vit_block(k, E, num_heads, mlp_dim, dtype))(
+             block_keys),
          "encoder_norm": init_layer_norm(E, dtype),
          "final_proj": init_dense(k_out, E, D, jax.nn.initializers.zeros, dtype=dtype)}
-    if cfg.context_dim:
+    if context_dim:
         k_ctx = jax.random.fold_in(key, 4)  # a fifth key: the four above, and so the other
         # parameters, stay those of the unconditional model
-        p["context_attention"] = init_attention(k_ctx, E, cfg.num_heads, dtype, cfg.context_dim,
+        p["context_attention"] = init_attention(k_ctx, E, num_heads, dtype, context_dim,
                                                 _lecun_normal, jax.nn.initializers.zeros)
     return p
 
 
-def coupling_net(p, x1, context=None):
-    """Dense + position embedding, [the patches attending to the context], `block_depth` ViT
-    blocks, LN, Dense to (b, s). The context attention is big_vision's DNN's: a residual, with
-    no LayerNorm before it."""
-    h = dense(p["init_proj"], x1) + p["posemb"][None]  # [B, N, E]
+def coupling_net(p, x1, *, context=None, precision=HIGHEST):
+    """x1 [B, N, D/2] -> b, s [B, N, D/2]: dense + position embedding, [the patches attending to
+    the context [B, T_ctx, C_ctx]], `block_depth` ViT blocks, LN, dense to (b, s). The context
+    attention is big_vision's DNN's: a residual, with no LayerNorm before it. Needs: dense,
+    attention, vit_block, layer_norm."""
+    h = dense(p["init_proj"], x1, precision=precision) + p["posemb"][None]  # [B, N, E]
     if context is not None:  # keys and values from context [B, T_ctx, C_ctx]
-        h = h + attention(p["context_attention"], h, context)
+        h = h + attention(p["context_attention"], h, context, precision=precision)
     for i in range(p["blocks"]["ln1"]["scale"].shape[0]):  # unrolled: few, and faster
-        h = vit_block(jax.tree.map(lambda a: a[i], p["blocks"]), h)
-    out = dense(p["final_proj"], layer_norm(p["encoder_norm"], h))  # [B, N, D]
-    b, s = jnp.split(out, 2, axis=-1)
+        h = vit_block(jax.tree.map(lambda a: a[i], p["blocks"]), h, precision=precision)
+    out = dense(p["final_proj"], layer_norm(p["encoder_norm"], h), precision=precision)
+    b, s = jnp.split(out, 2, axis=-1)  # [B, N, D] -> 2 x [B, N, D/2]
     return b, s
 
 
 # ---- Coupling: y1 = x1, y2 = (x2 + b(x1)) * sigmoid(s(x1)) * k ---------------------------
 
 def coupling_scale(s, k):
-    """Scale sigmoid(s) * k and its log-det, summed per example: [B, N, D/2] -> [B]."""
+    """Scale sigmoid(s) * k and its log-det, summed per example: [B, N, D/2] -> [B].
+    Needs: nothing."""
     logdet = jnp.sum(jax.nn.log_sigmoid(s) + math.log(k), axis=(1, 2))
     return jax.nn.sigmoid(s) * k, logdet
 
 
-def affine_forward(p, x1, x2, k, net=coupling_net, context=None):
+def affine_forward(p, x1, x2, k, *, net, context=None):
     """The coupling's equation on the halves [B, N, D/2]: y2 = (x2 + b(x1)) * sigmoid(s(x1)) * k;
-    returns y2 and log|det dy/dx| [B]. `net` maps x1 (and the context, when one is given) to
-    (b, s): the ViT, or any other network with that interface (ablate.py's CNN); any such net
-    keeps the coupling invertible."""
-    b, s = net(p, x1) if context is None else net(p, x1, context)
+    returns y2 and log|det dy/dx| [B]. `net(p, x1[, context=...])` gives (b, s): the ViT
+    (coupling_net), or any other network with that interface (variants.py's CNN); any such
+    net keeps the coupling invertible. Needs: coupling_scale."""
+    b, s = net(p, x1) if context is None else net(p, x1, context=context)
     scale, logdet = coupling_scale(s, k)
     return (x2 + b) * scale, logdet
 
 
-def affine_inverse(p, y1, y2, k, net=coupling_net, context=None):
+def affine_inverse(p, y1, y2, k, *, net, context=None):
     """x2 = y2 / (sigmoid(s(y1)) * k) - b(y1), and log|det dx/dy| [B]. y1 = x1 and the context
-    is the same, so b and s are exactly the forward's."""
-    b, s = net(p, y1) if context is None else net(p, y1, context)
+    is the same, so b and s are exactly the forward's. Needs: coupling_scale."""
+    b, s = net(p, y1) if context is None else net(p, y1, context=context)
     scale, logdet = coupling_scale(s, k)
     return y2 / scale - b, -logdet
 
 
-def coupling_forward(p, index, x, k, net=coupling_net, context=None):
-    """One coupling, [B, N, D] -> y [B, N, D], log|det dy/dx| [B]. `forward` runs the same
-    couplings with each merge and the next split fused into one gather."""
+def coupling_forward(p, index, x, k, *, net, context=None):
+    """One coupling, [B, N, D] -> y [B, N, D], log|det dy/dx| [B], with split index `index`
+    [N*D] and the network `net` (affine_forward). `forward` runs the same couplings with each
+    merge and the next split fused into one gather. Needs: split, merge, affine_forward."""
     x1, x2 = split(x, index)
-    y2, logdet = affine_forward(p, x1, x2, k, net, context)
+    y2, logdet = affine_forward(p, x1, x2, k, net=net, context=context)
     return merge(x1, y2, index), logdet
 
 
-def coupling_inverse(p, index, y, k, net=coupling_net, context=None):
-    """[B, N, D] -> x [B, N, D], log|det dx/dy| [B] (= minus the forward's)."""
+def coupling_inverse(p, index, y, k, *, net, context=None):
+    """[B, N, D] -> x [B, N, D], log|det dx/dy| [B] (= minus the forward's). Needs: split,
+    merge, affine_inverse."""
     y1, y2 = split(y, index)
-    x2, logdet = affine_inverse(p, y1, y2, k, net, context)
+    x2, logdet = affine_inverse(p, y1, y2, k, net=net, context=context)
     return merge(y1, x2, index), logdet
 
 
 # ---- Flow, plain: z = f(x), the couplings applied one after the other -------------------
 
-def init(key: jax.Array, cfg: Config, dtype=jnp.float32) -> tuple[dict, jax.Array]:
+def init(key: jax.Array, cfg: Config, *, dtype=jnp.float32) -> tuple[dict, jax.Array]:
     """Returns (params, perms): params a nested dict whose leaves have a leading [depth] axis
-    (one slice per coupling), perms int32 [depth, N*D] split indices (data, not trained)."""
+    (one slice per coupling), perms int32 [depth, N*D] split indices (data, not trained).
+    Needs: init_coupling_net, init_perms."""
     k_params, k_perms = jax.random.split(key)
     net_keys = jax.random.split(k_params, cfg.depth)
-    params = jax.vmap(lambda k: init_coupling_net(k, cfg, dtype))(net_keys)
+    sizes = cfg.coupling_net_sizes()
+    params = jax.vmap(lambda k: init_coupling_net(k, **sizes, dtype=dtype))(net_keys)
     return params, init_perms(k_perms, cfg)
 
 
@@ -459,46 +567,51 @@ def _check_context(context, batch, cfg):
                          f"use jax.nn.one_hot(labels, {C})[:, None].")
 
 
-def plain_forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config,
-                  context=None, affine=affine_forward):
+def plain_forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config, *,
+                  context=None, net=coupling_net):
     """The flow as the paper writes it: x [B, H, W, C] -> z [B, H, W, C], log|det dz/dx| [B].
 
     Patchify; then for each coupling i: split the tokens by its index perms[i], transform x2
     with its parameters params[i], merge; unpatchify. The log-det of the composition is the sum
-    of the couplings' log-dets. `affine(p, x1, x2, k, context=...)` is the coupling's equation;
-    functools.partial(affine_forward, net=...) puts another network in place of the ViT. A
-    conditional Config needs context [B, T_ctx, C_ctx], which every coupling receives."""
+    of the couplings' log-dets. `net` is each coupling's network (affine_forward); another
+    network of its interface takes the ViT's place. A conditional Config needs context
+    [B, T_ctx, C_ctx], which every coupling receives. Needs: check_input, patchify,
+    plain_couplings, unpatchify."""
     check_input(x, perms, cfg, "x", context)
     h = patchify(x, cfg.patch_size)  # [B, N, D]
     logdet = jnp.zeros(x.shape[:1], x.dtype)
-    for h, coupling_logdet in plain_couplings(params, perms, h, cfg, context, affine):
+    for h, coupling_logdet in plain_couplings(params, perms, h, cfg, context=context, net=net):
         logdet = logdet + coupling_logdet
     return unpatchify(h, cfg.patch_size, cfg.image_shape), logdet
 
 
-def plain_couplings(params, perms, h, cfg: Config, context=None, affine=affine_forward):
+def plain_couplings(params, perms, h, cfg: Config, *, context=None, net=coupling_net,
+                    affine=affine_forward):
     """plain_forward's couplings on the tokens h [B, N, D], one at a time: yields, for each
     coupling i in order, the tokens after it [B, N, D] and its log|det| [B] (inside.py draws
-    these intermediate states)."""
+    these intermediate states; bits.py traces them through its own `affine`, an equation of
+    affine_forward's signature). Needs: split, affine_forward, merge."""
     for i in range(cfg.depth):
         p = jax.tree.map(lambda leaf: leaf[i], params)  # coupling i's ViT
         x1, x2 = split(h, perms[i])  # [B, N, D] -> 2 x [B, N, D/2]
-        y2, logdet = affine(p, x1, x2, cfg.scale_factor, context=context)
+        y2, logdet = affine(p, x1, x2, cfg.scale_factor, net=net, context=context)
         h = merge(x1, y2, perms[i])  # y1 = x1
         yield h, logdet
 
 
-def plain_inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config,
-                  context=None, affine=affine_inverse):
+def plain_inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config, *,
+                  context=None, net=coupling_net):
     """x = f^-1(z), log|det dx/dz| [B]: plain_forward's steps undone, last coupling first, each
-    given the same context."""
+    given the same context. Needs: check_input, patchify, split, affine_inverse, merge,
+    unpatchify."""
     check_input(z, perms, cfg, "z", context)
     h = patchify(z, cfg.patch_size)  # [B, N, D]
     logdet = jnp.zeros(z.shape[:1], z.dtype)
     for i in reversed(range(cfg.depth)):
         p = jax.tree.map(lambda leaf: leaf[i], params)
         y1, y2 = split(h, perms[i])
-        x2, coupling_logdet = affine(p, y1, y2, cfg.scale_factor, context=context)
+        x2, coupling_logdet = affine_inverse(p, y1, y2, cfg.scale_factor, net=net,
+                                             context=context)
         h = merge(y1, x2, perms[i])
         logdet = logdet + coupling_logdet
     return unpatchify(h, cfg.patch_size, cfg.image_shape), logdet
@@ -524,13 +637,13 @@ def chain_indices(perms: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Split indices [L, N*D] of L couplings, in running order -> (first, moves). `forward` keeps
     the state flat (x1 then x2) in the split order of the coupling about to run:
     merge_i then split_{i+1} is one gather by moves[i] = argsort(perms[i])[perms[i+1]], and
-    moves[-1] = argsort(perms[-1]) merges the last."""
+    moves[-1] = argsort(perms[-1]) merges the last. Needs: inverse_permutation."""
     inverse = jax.vmap(inverse_permutation)(perms)
     between = jnp.take_along_axis(inverse[:-1], perms[1:], axis=1)
     return perms[0], jnp.concatenate([between, inverse[-1:]], axis=0)
 
 
-def _couplings(affine, params, perms, x, cfg, reverse, remat, compute_dtype, context):
+def _couplings(affine, params, perms, x, cfg, reverse, remat, compute_dtype, context, net):
     """patchify, the couplings in order (reverse: last first), unpatchify. The state is kept
     flat in the split order of the coupling about to run (see chain_indices), as [N*D, B]:
     each gather then moves rows of B values, and so does its gradient, a scatter. The context
@@ -545,7 +658,7 @@ def _couplings(affine, params, perms, x, cfg, reverse, remat, compute_dtype, con
         p, move = layer
         if compute_dtype:  # bf16 mode: the ViT's weights, hence its matmuls, in compute_dtype
             p = jax.tree.map(lambda a: a.astype(compute_dtype), p)
-        y2, logdet = affine(p, *halves(h.T, N), cfg.scale_factor, context=context)
+        y2, logdet = affine(p, *halves(h.T, N), cfg.scale_factor, net=net, context=context)
         y = jnp.concatenate([h[:h.shape[0] // 2], y2.reshape(B, -1).T], axis=0)
         return jnp.take(y, move, axis=0), logdet
     step = jax.checkpoint(step, policy=remat_policy(remat))
@@ -561,72 +674,108 @@ def _check_params(params, cfg):
                          f"{cfg.context_dim}; were they made by jet.init with another Config?")
 
 
-def forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config, remat: bool = False,
-            compute_dtype=None, context=None):
+def forward(params: dict, perms: jax.Array, x: jax.Array, cfg: Config, *, remat: bool = False,
+            compute_dtype=None, context=None, precision=HIGHEST):
     """x [B, H, W, C] in [-1, 1] -> z [B, H, W, C], log|det dz/dx| [B]. remat: see
     remat_policy. compute_dtype=jnp.bfloat16 runs the ViT matmuls in bfloat16; the coupling
     arithmetic and log-det stay in the parameters' dtype, so f stays invertible. A conditional
-    Config (context_dim set) needs context [B, T_ctx, C_ctx]; an unconditional one, none."""
+    Config (context_dim set) needs context [B, T_ctx, C_ctx]; an unconditional one, none.
+    precision: of the ViT's matmuls (jax.lax.Precision; None: jax's default). Needs:
+    check_input, chain_indices, halves, affine_forward, coupling_net, remat_policy, patchify,
+    unpatchify."""
     check_input(x, perms, cfg, "x", context)
     _check_params(params, cfg)
+    net = functools.partial(coupling_net, precision=precision)
     return _couplings(affine_forward, params, perms, x, cfg, False, remat, compute_dtype,
-                      context)
+                      context, net)
 
 
-def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config, compute_dtype=None,
-            context=None):
+def inverse(params: dict, perms: jax.Array, z: jax.Array, cfg: Config, *, compute_dtype=None,
+            context=None, precision=HIGHEST):
     """z [B, H, W, C] -> x [B, H, W, C], log|det dx/dz| [B]; couplings in reverse order, each
-    given the same context as in forward."""
+    given the same context as in forward. Needs: as forward, affine_inverse for
+    affine_forward."""
     check_input(z, perms, cfg, "z", context)
     _check_params(params, cfg)
-    return _couplings(affine_inverse, params, perms, z, cfg, True, False, compute_dtype, context)
+    net = functools.partial(coupling_net, precision=precision)
+    return _couplings(affine_inverse, params, perms, z, cfg, True, False, compute_dtype, context,
+                      net)
 
 
 # ---- Likelihood: uniform dequantization and bits per dimension ---------------------------
+#
+# Images of `levels` integer levels q = 0 .. levels-1 are mapped onto data_range = (lo, hi) in
+# steps of (hi - lo) / (levels - 1); each level owns a cell of that width. The defaults are
+# big_vision's: 8-bit images on [-1, 1], cells of 1/127.5. dequantize and bits_per_dim must
+# be given the same levels and range: a density over other units scores other bits.
 
-def dequantize(key: jax.Array, images: jax.Array) -> jax.Array:
-    """uint8 [B, H, W, C] -> float32 x = q/127.5 - 1 + u, u ~ U[0, 1/127.5): x in [-1, 1 + 1/127.5).
+def _cells_per_unit(levels: int, data_range: tuple[float, float]) -> float:
+    """1 / cell width for `levels` levels on data_range, after checking both."""
+    lo, hi = data_range
+    if not (isinstance(levels, int) and 2 <= levels <= 256):
+        raise ValueError(f"levels must be an int from 2 to 256 (uint8 images), got {levels!r}.")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"data_range must be (lo, hi) with finite lo < hi, got {data_range}.")
+    return (levels - 1) / (hi - lo)
 
-    Integer q owns the cell [q/127.5 - 1, (q+1)/127.5 - 1) of width 1/127.5. A density p on x
-    gives q the probability P(q) = integral of p over its cell, and fitting p to the noisy x
-    maximises a lower bound on log P(q) (Theis et al. 2016; see bits_per_dim). This is the
-    official trainer's noise.
+
+def dequantize(key: jax.Array, images: jax.Array, *, levels: int = 256,
+               data_range: tuple[float, float] = (-1.0, 1.0)) -> jax.Array:
+    """uint8 [B, H, W, C] -> float32 x = lo + q/s + u, u ~ U[0, 1/s), s = (levels-1)/(hi-lo): by
+    default x = q/127.5 - 1 + u, in [-1, 1 + 1/127.5).
+
+    Integer q owns the cell [lo + q/s, lo + (q+1)/s). A density p on x gives q the probability
+    P(q) = integral of p over its cell, and fitting p to the noisy x maximises a lower bound on
+    log P(q) (Theis et al. 2016; see bits_per_dim). This is the official trainer's noise.
+    Needs: _cells_per_unit.
     """
     if images.dtype != jnp.uint8:
         raise ValueError(f"dequantize expects uint8 images, got {images.dtype}.")
-    x = images.astype(jnp.float32) / 127.5 - 1.0
-    return x + jax.random.uniform(key, images.shape, jnp.float32, 0.0, 1.0 / 127.5)
+    s = _cells_per_unit(levels, data_range)
+    x = images.astype(jnp.float32) / s + data_range[0]
+    return x + jax.random.uniform(key, images.shape, jnp.float32, 0.0, 1.0 / s)
 
 
-def bits_per_dim(z: jax.Array, logdet: jax.Array) -> jax.Array:
-    """Per-example bits/dim of 8-bit images, z [B, H, W, C], logdet [B] -> [B].
+def bits_per_dim(z: jax.Array, logdet: jax.Array, *, levels: int = 256,
+                 data_range: tuple[float, float] = (-1.0, 1.0)) -> jax.Array:
+    """Per-example bits/dim of images dequantized with these levels and data_range (dequantize's
+    defaults: 8-bit images on [-1, 1]), z [B, H, W, C], logdet [B] -> [B].
 
     Change of variables: -log p(x) = -log N(z; 0, I) - log|det dz/dx|, with
-    -log N(z; 0, I) = sum(z^2/2 + log(2 pi)/2). With x = q/127.5 - 1 + u and cells of volume
-    127.5^-(H*W*C), Jensen's inequality gives -log P(q) <= E_u[-log p(x)] + H*W*C * log 127.5:
+    -log N(z; 0, I) = sum(z^2/2 + log(2 pi)/2). With x = lo + q/s + u and cells of volume
+    s^-(H*W*C), Jensen's inequality gives -log P(q) <= E_u[-log p(x)] + H*W*C * log s:
     this per-example bound, divided by H*W*C * ln 2 to turn nats into bits per dimension.
+    Needs: _cells_per_unit.
     """
     dims = math.prod(z.shape[1:])
+    s = _cells_per_unit(levels, data_range)
     nll = jnp.sum(0.5 * jnp.square(z), axis=(1, 2, 3)) + dims * (0.5 * math.log(2 * math.pi)
-                                                                 + math.log(127.5))
+                                                                 + math.log(s))
     return (nll - logdet) / (dims * math.log(2))
 
 
 # ---- Sampling ----------------------------------------------------------------------------
 
-def sample(params: dict, perms: jax.Array, key: jax.Array, n: int, cfg: Config,
-           temperature: float = 1.0, compute_dtype=None, context=None,
+def sample(params: dict, perms: jax.Array, key: jax.Array, n: int, cfg: Config, *,
+           temperature: float = 1.0, compute_dtype=None, context=None, precision=HIGHEST,
            flow_inverse=None) -> jax.Array:
     """n images, uint8 [n, H, W, C]: z ~ N(0, T^2 I), x = f^-1(z) in one parallel pass, then
     `quantize`d (clipped: flows put some mass outside [-1, 1]). A conditional model samples
     image i given context[i], context [n, T_ctx, C_ctx] (e.g. one-hot classes). flow_inverse
-    replaces `inverse` with another flow's of the same signature (variants.py's)."""
+    replaces `inverse` with another flow's of the same signature (variants.py's; precision
+    then stays its own). Under jit, n is static (jax.jit(jet.sample, static_argnames="n")).
+    Needs: inverse, quantize."""
+    if flow_inverse is not None and precision is not HIGHEST:
+        raise ValueError("sample's precision applies to jet.inverse; give flow_inverse its own "
+                         "precision (functools.partial) instead.")
     dtype = jax.tree.leaves(params)[0].dtype
     z = temperature * jax.random.normal(key, (n, *cfg.image_shape), dtype)
-    x, _ = (flow_inverse or inverse)(params, perms, z, cfg, compute_dtype, context)
+    flow_inverse = flow_inverse or functools.partial(inverse, precision=precision)
+    x, _ = flow_inverse(params, perms, z, cfg, compute_dtype=compute_dtype, context=context)
     return quantize(x)
 
 
 def quantize(x: jax.Array) -> jax.Array:
-    """[-1, 1] -> uint8: the integer whose dequantization cell holds x, clipped to [0, 255]."""
+    """[-1, 1] -> uint8: the integer whose dequantization cell holds x, clipped to [0, 255].
+    Needs: nothing."""
     return jnp.clip(jnp.floor((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)

@@ -3,12 +3,15 @@
 Run: pytest -q  (conftest.py makes silent rank promotion an error and configures hypothesis).
 """
 
+import ast
 import dataclasses
 import functools
 import itertools
 import json
 import math
 import pathlib
+import re
+import textwrap
 
 import hypothesis
 import hypothesis.strategies as st
@@ -30,11 +33,11 @@ SMALL = jet.Config(image_shape=(8, 8, 3), patch_size=2, depth=3, emb_dim=16, num
 SMALL_CTX = dataclasses.replace(SMALL, context_dim=4)  # class-conditional, e.g. 4 classes
 
 # Compiled once per (Config, shape); eager execution would re-trace the scans on every call.
-init = jax.jit(jet.init, static_argnums=(1, 2))
-forward = jax.jit(jet.forward, static_argnums=3, static_argnames=("remat", "compute_dtype"))
-inverse = jax.jit(jet.inverse, static_argnums=3, static_argnames="compute_dtype")
-plain_forward = jax.jit(jet.plain_forward, static_argnums=3)
-plain_inverse = jax.jit(jet.plain_inverse, static_argnums=3)
+init = jax.jit(jet.init, static_argnames="dtype")
+forward = jax.jit(jet.forward, static_argnames=("remat", "compute_dtype"))
+inverse = jax.jit(jet.inverse, static_argnames="compute_dtype")
+plain_forward = jax.jit(jet.plain_forward)
+plain_inverse = jax.jit(jet.plain_inverse)
 
 
 # ------------------------------------------------------------------------------------------
@@ -249,7 +252,7 @@ def test_jit_equals_eager():
     x = images(jax.random.key(4), cfg)
     for fn in (jet.forward, jet.inverse):
         eager = fn(params, perms, x, cfg)
-        jitted = jax.jit(fn, static_argnums=3)(params, perms, x, cfg)
+        jitted = jax.jit(fn)(params, perms, x, cfg)
         for a, b in zip(eager, jitted):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -446,7 +449,7 @@ def test_sample_is_the_inverse_of_gaussian_noise():
     x, _ = inverse(params, perms, 0.7 * jax.random.normal(key, out.shape), cfg)
     expected = np.clip(np.floor((np.asarray(x) + 1) * 127.5), 0, 255)
     np.testing.assert_array_equal(out, expected)
-    np.testing.assert_array_equal(jet.sample(params, perms, key, 5, cfg, 0.7), out)
+    np.testing.assert_array_equal(jet.sample(params, perms, key, 5, cfg, temperature=0.7), out)
 
 
 def test_conditional_sample_is_the_inverse_of_gaussian_noise():
@@ -454,8 +457,8 @@ def test_conditional_sample_is_the_inverse_of_gaussian_noise():
     context[i], here one-hot classes."""
     params, perms = random_params(SMALL_CTX, 8)
     key, context = jax.random.key(9), jax.nn.one_hot(jnp.array([[0], [3]]), 4)  # [n, 1, 4]
-    sample = jax.jit(jet.sample, static_argnums=(3, 4))
-    out = sample(params, perms, key, 2, SMALL_CTX, 0.7, context=context)
+    sample = jax.jit(jet.sample, static_argnames="n")
+    out = sample(params, perms, key, 2, SMALL_CTX, temperature=0.7, context=context)
     x, _ = inverse(params, perms, 0.7 * jax.random.normal(key, out.shape), SMALL_CTX,
                    context=context)
     np.testing.assert_array_equal(out, jet.quantize(x))
@@ -761,6 +764,174 @@ def test_from_big_vision_rejects_bad_checkpoints():
                             (16, 16, 3), **kwargs)
     with pytest.raises(ValueError, match="shape"):
         official.from_big_vision(flat, (16, 16, 3), **{**kwargs, "emb_dim": 64, "num_heads": 4})
+
+
+def test_every_fix_an_error_proposes_builds(x64):
+    """A Config the image cannot take names configurations that work for it (other patch sizes,
+    only the spatial patterns that halve its grid, or no spatial couplings), and each one, built
+    from the failing arguments with that change, is a valid Config."""
+    failing = [dict(image_shape=(28, 28, 1), patch_size=4),  # 7x7 grid: no spatial halves
+               dict(image_shape=(28, 28, 1), patch_size=7),  # D = 49, odd
+               dict(image_shape=(32, 32, 3), patch_size=3),  # does not divide 32
+               dict(image_shape=(12, 16, 3), patch_size=4, kinds=("spatial",),
+                    spatial_projs=("hstripes", "vstripes"))]  # 3x4: only vstripes halves
+    for kwargs in failing:
+        with pytest.raises(ValueError, match="These work for") as error:
+            jet.Config(**kwargs)
+        fixes = str(error.value).split("These work for ")[1].split(": ", 1)[1]
+        fixes = fixes.removesuffix(".").split("; ")
+        assert fixes, kwargs
+        for fix in fixes:
+            changes = dict(re.match(r"(\w+)=(.+)", part).groups()
+                           for part in re.split(r", (?=\w+=)", fix))
+            jet.Config(**kwargs | {k: ast.literal_eval(v) for k, v in changes.items()})
+
+
+def test_usage_example_runs():
+    """jet.py's docstring opens with a usage example (init, dequantize, jit, loss, grad,
+    inverse, sample); it runs as written, and what it computes is what it says."""
+    code = textwrap.dedent(jet.__doc__.split("Usage (test_jet.py runs it):")[1])
+    scope = {}
+    exec(compile(code, "jet.py usage", "exec"), scope)
+    assert math.isfinite(float(scope["bpd"])) and jax.tree.structure(scope["grads"]) == \
+        jax.tree.structure(scope["params"])
+    assert float(jnp.abs(scope["x_back"] - scope["x"]).max()) < 1e-5
+    assert scope["samples"].shape == (4, 16, 16, 3) and scope["samples"].dtype == jnp.uint8
+
+
+def test_options_are_keyword_only():
+    """The options after the data cannot be passed by position: each old positional form
+    (remat or compute_dtype fifth, temperature sixth, a context third) is a TypeError, never a
+    silent change of meaning; the coupling's network is always named."""
+    params, perms = random_params(SMALL, 0)
+    x = jnp.zeros((2, *SMALL.image_shape))
+    x1 = jnp.zeros((2, SMALL.num_tokens, SMALL.token_dim // 2))
+    p0 = jax.tree.map(lambda a: a[0], params)
+    calls = [lambda: jet.forward(params, perms, x, SMALL, jnp.bfloat16),
+             lambda: jet.inverse(params, perms, x, SMALL, jnp.bfloat16),
+             lambda: jet.sample(params, perms, jax.random.key(0), 2, SMALL, 0.8),
+             lambda: jet.plain_forward(params, perms, x, SMALL, None),
+             lambda: jet.coupling_net(p0, x1, None),
+             lambda: jet.affine_forward(p0, x1, x1, 2.0),
+             lambda: jet.coupling_forward(p0, perms[0], jet.patchify(x, 2), 2.0, jet.coupling_net),
+             lambda: jet.dequantize(jax.random.key(0), np.zeros((1, 2, 2, 1), np.uint8), 256)]
+    for call in calls:
+        with pytest.raises(TypeError):
+            call()
+
+
+def test_matmul_precision_is_a_parameter():
+    """forward's matmuls run at Precision.HIGHEST unless told otherwise; precision=None leaves
+    them to jax.default_matmul_precision (every dot_general in the traced map says which)."""
+    params, perms = random_params(SMALL, 0)
+    x = jnp.zeros((2, *SMALL.image_shape))
+
+    def dots(**kw):  # each dot_general's parameters, up to its preferred_element_type
+        jaxpr = str(jax.make_jaxpr(lambda p: jet.forward(p, perms, x, SMALL, **kw))(params))
+        return [eqn.split("preferred_element_type")[0] for eqn in jaxpr.split("dot_general[")[1:]]
+    assert dots() and all("precision=(Precision.HIGHEST, Precision.HIGHEST)" in d
+                          for d in dots())
+    assert len(dots(precision=None)) == len(dots())
+    assert not any("precision" in d for d in dots(precision=None))
+
+
+@given(st.integers(0, 2 ** 31 - 1))
+def test_units_are_stated_and_consistent(x64, seed):
+    """dequantize and bits_per_dim take the data's levels and range: images on [0, 1] instead of
+    [-1, 1] are the same images, and a density on them scores the same bits/dim once the flow's
+    log-det carries the change of units (log 2 per dimension). Other levels and ranges are
+    checked, and non-uint8 images refused."""
+    key = jax.random.key(seed)
+    q = jnp.asarray(np.random.default_rng(seed).integers(0, 256, (2, 4, 4, 3), np.uint8))
+    x, x01 = jet.dequantize(key, q), jet.dequantize(key, q, data_range=(0.0, 1.0))
+    np.testing.assert_allclose(x01, (x + 1) / 2, atol=1e-6)
+    z = jax.random.normal(key, q.shape)
+    logdet = jax.random.normal(jax.random.fold_in(key, 1), (2,))
+    dims = math.prod(q.shape[1:])
+    np.testing.assert_allclose(jet.bits_per_dim(z, logdet + dims * math.log(2),
+                                                data_range=(0.0, 1.0)),
+                               jet.bits_per_dim(z, logdet), rtol=1e-12)
+    four = jet.dequantize(key, q // 64, levels=4)  # 2-bit images: cells of 2/3
+    assert float(four.min()) >= -1 and float(four.max()) < 1 + 2 / 3
+    for bad in (dict(levels=257), dict(levels=1), dict(data_range=(1.0, 0.0)),
+                dict(data_range=(0.0, math.inf))):
+        with pytest.raises(ValueError, match="levels|data_range"):
+            jet.dequantize(key, q, **bad)
+        with pytest.raises(ValueError, match="levels|data_range"):
+            jet.bits_per_dim(z, logdet, **bad)
+    with pytest.raises(ValueError, match="uint8"):
+        jet.dequantize(key, q.astype(jnp.float32) / 255)
+
+
+# ------------------------------------------------------------------------------------------
+# Each piece lifts alone: with jax, numpy, math and functools, and the definitions its
+# docstring names ("Needs:"), and nothing else of jet.py
+
+
+def lifted(*names: str) -> dict:
+    """A fresh namespace holding jax, jnp, np, math and functools, in which only the source of
+    `names` and of what their docstrings' "Needs:" name (and so on) was run, in jet.py's order."""
+    text = pathlib.Path(jet.__file__).read_text()
+    source = {}  # name -> (line, source with decorators, node)
+    for node in ast.parse(text).body:
+        if isinstance(node, (ast.FunctionDef, ast.Assign)):
+            name = node.name if isinstance(node, ast.FunctionDef) else node.targets[0].id
+            decorators = "".join(f"@{ast.get_source_segment(text, d)}\n"
+                                 for d in getattr(node, "decorator_list", []))
+            source[name] = (node.lineno, decorators + ast.get_source_segment(text, node), node)
+    needed, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        node = source[name][2]
+        doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else ""
+        if doc and "Needs:" in doc:
+            listed = doc.split("Needs:")[1].split(".")[0]
+            todo += [n.strip() for n in listed.replace("\n", " ").split(",")
+                     if n.strip() and n.strip() != "nothing"]
+    scope = {"jax": jax, "jnp": jnp, "np": np, "math": math, "functools": functools}
+    for _, code, _ in sorted(source[n] for n in needed):
+        exec(code, scope)
+    return scope
+
+
+def test_each_piece_lifts_alone():
+    """patchify/unpatchify, split/merge, affine_forward/inverse, coupling_forward/inverse, the
+    ViT block with its init, dequantize and bits_per_dim each run from their own source and the
+    definitions their docstrings name, in a namespace with nothing else of jet.py, and compute
+    what jet's own do."""
+    params, perms = random_params(SMALL, 5)
+    x = images(jax.random.key(6), SMALL)
+    h = jet.patchify(x, 2)
+    p0 = jax.tree.map(lambda a: a[0], params)
+    x1, x2 = jet.split(h, perms[0])
+
+    def net(p, x1):  # any network with the coupling net's interface
+        return jnp.tanh(x1) * 0.3, jnp.cos(x1)
+    checks = {
+        ("patchify", "unpatchify"): lambda f: (f["patchify"](x, 2),
+                                               f["unpatchify"](h, 2, SMALL.image_shape)),
+        ("split", "merge"): lambda f: (*f["split"](h, perms[1]), f["merge"](x1, x2, perms[0])),
+        ("affine_forward", "affine_inverse"): lambda f: (
+            *f["affine_forward"](p0, x1, x2, 2.0, net=net),
+            *f["affine_inverse"](p0, x1, x2, 2.0, net=net)),
+        ("coupling_forward", "coupling_inverse"): lambda f: (
+            *f["coupling_forward"](p0, perms[2], h, 2.0, net=net),
+            *f["coupling_inverse"](p0, perms[2], h, 2.0, net=net)),
+        ("vit_block", "init_vit_block"): lambda f: (
+            f["init_vit_block"](jax.random.key(1), 16, 2),
+            f["vit_block"](jax.tree.map(lambda a: a[0, 0], params["blocks"]),
+                           jax.random.normal(jax.random.key(2), (2, 16, 16)))),
+        ("dequantize",): lambda f: f["dequantize"](jax.random.key(3), (x * 100 + 128).astype(
+            jnp.uint8)),
+        ("bits_per_dim",): lambda f: f["bits_per_dim"](x, jnp.ones(2)),
+    }
+    for names, run in checks.items():
+        got, want = run(lifted(*names)), run(vars(jet))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b, err_msg=str(names))
 
 
 # ------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import timing
 import train
 
 HIGHEST = jax.lax.Precision.HIGHEST
+VIT_FORWARD = functools.partial(jet.coupling_forward, net=jet.coupling_net)
+VIT_INVERSE = functools.partial(jet.coupling_inverse, net=jet.coupling_net)
 
 
 # ------------------------------------------------------------------------------------------
@@ -180,7 +182,8 @@ def init_flow(key, cfg: jet.Config, v: Variant) -> tuple[dict, jax.Array]:
     k_params, k_perms = jax.random.split(key)  # as jet.init
     keys = jax.random.split(k_params, cfg.depth)
     if v.net == "vit":
-        couplings = jax.vmap(lambda k: jet.init_coupling_net(k, cfg))(keys)
+        sizes = cfg.coupling_net_sizes()
+        couplings = jax.vmap(lambda k: jet.init_coupling_net(k, **sizes))(keys)
     else:
         width = cnn_width(cfg, v.cnn_blocks)
         couplings = jax.vmap(lambda k: init_cnn(k, cfg, width, v.cnn_blocks))(keys)
@@ -208,14 +211,14 @@ def layer_forward(p, index, h, cfg: jet.Config, v: Variant):
             h, ld = bijection(p[name], h)
             logdet = logdet + ld
     y, ld = jet.coupling_forward(p["coupling"], index, h, cfg.scale_factor,
-                                 coupling_network(v, cfg, index))
+                                 net=coupling_network(v, cfg, index))
     return y, logdet + ld
 
 
 def layer_inverse(p, index, y, cfg: jet.Config, v: Variant):
     """The exact inverse of layer_forward, in reverse order."""
     h, logdet = jet.coupling_inverse(p["coupling"], index, y, cfg.scale_factor,
-                                     coupling_network(v, cfg, index))
+                                     net=coupling_network(v, cfg, index))
     for name, bijection in (("dense", token_dense_inverse), ("actnorm", actnorm_inverse)):
         if name in p:
             h, ld = bijection(p[name], h)
@@ -234,7 +237,7 @@ def coupling_scan(params, indices, h, k, coupling, remat=False, reverse=False):
     return h, logdets.sum(0)
 
 
-def flow_forward(params, perms, x, cfg: jet.Config, remat=False, compute_dtype=None, *,
+def flow_forward(params, perms, x, cfg: jet.Config, *, remat=False, compute_dtype=None,
                  v: Variant):
     """x [B, H, W, C] -> z, log|det dz/dx| [B]: layer_forward as each of jet's couplings, in one
     scan; jet.forward's signature (for train.py)."""
@@ -245,7 +248,7 @@ def flow_forward(params, perms, x, cfg: jet.Config, remat=False, compute_dtype=N
     return jet.unpatchify(h, cfg.patch_size, cfg.image_shape), logdet
 
 
-def flow_inverse(params, perms, z, cfg: jet.Config, compute_dtype=None, context=None, *,
+def flow_inverse(params, perms, z, cfg: jet.Config, *, compute_dtype=None, context=None,
                  v: Variant):
     _check_args(compute_dtype, context)
     jet.check_input(z, perms, cfg, "z")
@@ -308,7 +311,7 @@ def init_narrow_coupling_net(key, cfg: jet.Config, width: int) -> dict:
     """One coupling's ViT as jet.init_coupling_net, for tokens of `width` dims: its input layer
     reads width/2 dims, its zero output layer writes b and s of width/2 each."""
     k_net, k_in, k_out = jax.random.split(key, 3)
-    p = jet.init_coupling_net(k_net, cfg)
+    p = jet.init_coupling_net(k_net, **cfg.coupling_net_sizes())
     p["init_proj"] = jet.init_dense(k_in, width // 2, cfg.emb_dim)
     p["final_proj"] = jet.init_dense(k_out, cfg.emb_dim, width, jax.nn.initializers.zeros)
     return p
@@ -320,7 +323,8 @@ def init_multiscale(key, cfg: jet.Config, v: Variant) -> tuple[dict, jax.Array]:
     F, D = factor_point(cfg, v), cfg.token_dim
     k_params, k_perms = jax.random.split(key)  # as jet.init
     keys = jax.random.split(k_params, cfg.depth)
-    params = {"stage1": jax.vmap(lambda k: jet.init_coupling_net(k, cfg))(keys[:F]),
+    params = {"stage1": jax.vmap(lambda k: jet.init_coupling_net(
+        k, **cfg.coupling_net_sizes()))(keys[:F]),
               "stage2": jax.vmap(lambda k: init_narrow_coupling_net(k, cfg, D // 2))(keys[F:])}
     if v.multiscale == "split2d":  # zero: mean 0, scale 1 at init, as Glow's Conv2dZeros
         params["split2d"] = jet.init_dense(jax.random.fold_in(k_params, 1), D // 2, D,
@@ -349,7 +353,7 @@ def factor_in(p, kept, eps):
     return jnp.concatenate([kept, out], axis=-1), log_scale.sum((1, 2))
 
 
-def multiscale_forward(params, perms, x, cfg: jet.Config, remat=False, compute_dtype=None, *,
+def multiscale_forward(params, perms, x, cfg: jet.Config, *, remat=False, compute_dtype=None,
                        v: Variant):
     """x [B, H, W, C] -> z [B, H, W, C], log|det dz/dx| [B]; jet.forward's signature."""
     _check_args(compute_dtype)
@@ -357,15 +361,15 @@ def multiscale_forward(params, perms, x, cfg: jet.Config, remat=False, compute_d
     F, P, k = factor_point(cfg, v), cfg.patch_size, cfg.scale_factor
     half = cfg.num_tokens * cfg.token_dim // 2  # stage 2 reads this much of its perms rows
     h, logdet1 = coupling_scan(params["stage1"], perms[:F], jet.patchify(x, P), k,
-                               jet.coupling_forward, remat)  # [B, N, D]
+                               VIT_FORWARD, remat)  # [B, N, D]
     kept, eps, logdet2 = factor_out(params.get("split2d"), h)  # each [B, N, D/2]
     y, logdet3 = coupling_scan(params["stage2"], perms[F:, :half], kept, k,
-                               jet.coupling_forward, remat)  # [B, N, D/2]
+                               VIT_FORWARD, remat)  # [B, N, D/2]
     z = jet.unpatchify(jnp.concatenate([y, eps], axis=-1), P, cfg.image_shape)
     return z, logdet1 + logdet2 + logdet3
 
 
-def multiscale_inverse(params, perms, z, cfg: jet.Config, compute_dtype=None, context=None, *,
+def multiscale_inverse(params, perms, z, cfg: jet.Config, *, compute_dtype=None, context=None,
                        v: Variant):
     """z [B, H, W, C] -> x, log|det dx/dz| [B]: multiscale_forward's steps undone, last first."""
     _check_args(compute_dtype, context)
@@ -374,10 +378,9 @@ def multiscale_inverse(params, perms, z, cfg: jet.Config, compute_dtype=None, co
     half = cfg.num_tokens * cfg.token_dim // 2
     y, eps = jnp.split(jet.patchify(z, P), 2, axis=-1)  # each [B, N, D/2]
     kept, logdet3 = coupling_scan(params["stage2"], perms[F:, :half], y, k,
-                                  jet.coupling_inverse, reverse=True)
+                                  VIT_INVERSE, reverse=True)
     h, logdet2 = factor_in(params.get("split2d"), kept, eps)  # [B, N, D]
-    x, logdet1 = coupling_scan(params["stage1"], perms[:F], h, k, jet.coupling_inverse,
-                               reverse=True)
+    x, logdet1 = coupling_scan(params["stage1"], perms[:F], h, k, VIT_INVERSE, reverse=True)
     return jet.unpatchify(x, P, cfg.image_shape), logdet3 + logdet2 + logdet1
 
 
@@ -401,7 +404,7 @@ def make_model(v: Variant) -> dict:
              "init": functools.partial(init, v=v),
              "forward": functools.partial(forward, v=v),
              "sample": jax.jit(functools.partial(jet.sample, flow_inverse=functools.partial(
-                 inverse, v=v)), static_argnums=(3, 4, 6))}
+                 inverse, v=v)), static_argnames=("n", "compute_dtype"))}
     if v.actnorm:
         model["data_init"] = functools.partial(flow_data_init, v=v)
     return model
