@@ -38,6 +38,7 @@ import ablation_report
 import bits
 import checkpoints
 import data
+import evaluation
 import jet
 import presets
 import timing
@@ -116,7 +117,7 @@ PLAIN_VIT = Variant("base on the plain path (variants.flow_forward)", plain=True
 # --quick: a seconds-long smoke run of the whole path on train.py's synthetic 16x16 images.
 QUICK = dict(emb_dim=8, num_heads=2, batch_size=8, eval_batch_size=128, log_every=1,
              validation=64)
-QUICK_SCALE = 1e-5  # --quick: every budget times this (a few steps of its tiny models)
+QUICK_SCALE = 2e-5  # --quick: every budget times this (a few steps of its tiny models)
 QUICK_LR_GRID = QUICK_LR_BOUNDS = (1e-3, 2e-3)
 
 
@@ -449,8 +450,8 @@ def evaluate_on(run: dict, args, name: str, images: np.ndarray) -> dict:
         return done
     path = os.path.join(args.workdir, "runs", run["id"], "best" if "curve" in run else "")
     state, cfg, meta = checkpoints.read_run(path)
-    evaluate = train.make_evaluate(
-        train.make_batch_stats(cfg, meta["flags"], jet.forward), images,
+    evaluate = evaluation.make_evaluate(
+        evaluation.make_batch_stats(cfg, meta["flags"], jet.forward), images,
         np.zeros(len(images), np.int64), meta["flags"]["eval_batch_size"], jax.numpy.asarray)
     record = {"kind": "eval", "run": run["id"], "images": name,
               "data": data.digest({"test": images}),

@@ -127,9 +127,9 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     a("--steps", type=int, help="training steps (overrides --epochs and --time_budget)")
     a("--epochs", type=float, help="training epochs (drop-remainder batches)")
     a("--time_budget", type=float, metavar="MINUTES", help="size the run to this wall time on "
-      "this machine, compilation and evaluations included: the step count is set from timed "
-      "steps before training, re-timed on a fixed cadence through the first half of the run "
-      "and stored, so a resumed run is exact")
+      "this machine, counted from the command's start, compilation and evaluations included: "
+      "the step count is set from timed steps before training, re-timed on a fixed cadence "
+      "until near the end and stored, so a resumed run is exact")
     a("--lr", type=float, help=f"peak learning rate (default {RECIPE['lr']})")
     a("--warmup", type=float, help="fraction of steps of linear warmup before cosine decay")
     a("--weight_decay", type=float, help="big_vision's decoupled wd: p -= schedule * wd * p")
@@ -187,6 +187,10 @@ def _add_command_flags(a) -> None:
     a("--temperature", type=floats, default=(1.0,), help="prior temperature T for samples; "
       "several, commas (e.g. 0.7,0.85,1.0), give one block of rows each")
     a("--eval_only", action="store_true", help="evaluate the latest checkpoint and exit")
+    a("--export", metavar="DIR", help="write the latest checkpoint's model to DIR and exit: "
+      "params and perms without optimizer state (DIR/checkpoint.npz, which --init_from, "
+      "--sample, --eval_only and inside.py read), its metrics.jsonl and curve.svg, and "
+      "DIR/check.npz, the first test images with their bits/dim under fixed noise")
     a("--distributed", action="store_true", help="call jax.distributed.initialize() first "
       "(multi-host; one process per host): with the three flags below, or without them where "
       "JAX detects the cluster (SLURM, Open MPI, Cloud TPU)")
@@ -200,7 +204,8 @@ def _add_command_flags(a) -> None:
       "malloc transparent huge pages (~17%% faster); --no-huge_pages runs as started")
 
 
-ACTION_FLAGS = ("workdir", "sample", "labels", "temperature", "eval_only", "distributed",
+ACTION_FLAGS = ("workdir", "sample", "labels", "temperature", "eval_only", "export",
+                "distributed",
                 "coordinator_address", "num_processes", "process_id",
                 "huge_pages")  # not settings
 
@@ -284,7 +289,7 @@ def settings(args, meta: dict | None, platform: str) -> tuple[dict, jet.Config]:
     else:
         K = data.NUM_CLASSES.get(f["dataset"], 2) if f.get("conditional") else None
         cfg = make_config(f, data.image_shape(f["dataset"]), K)
-    if not (args.sample or args.eval_only):
+    if not (args.sample or args.eval_only or args.export):
         length = (f"sized to {f['time_budget']:g} minutes of wall time on this machine"
                   if f.get("time_budget") and "steps" not in f else
                   "the time it needs is printed after its first steps")

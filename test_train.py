@@ -30,6 +30,7 @@ import bench
 import checkpoints
 import cluster
 import data
+import evaluation
 import jet
 import pictures
 import presets
@@ -590,7 +591,7 @@ def test_classification_by_likelihood_is_the_argmin_over_classes():
     labels = np.where(np.arange(B) % 2 == 0, best, (best + 1) % K)
     mask = np.ones(B, np.float32)
     mask[-2:] = 0  # padding rows: one right, one wrong, both left out
-    stats = train.make_batch_stats(COND_CFG, {}, jet.forward)(
+    stats = evaluation.make_batch_stats(COND_CFG, {}, jet.forward)(
         params, perms, images, labels, mask, key, classify=True)
     n = mask.sum()
     true = every[labels, np.arange(B)]
@@ -609,13 +610,13 @@ def test_label_dropout_drops_at_its_rate_to_exactly_the_zero_context():
     context, checked to be exactly one-hot, reads that share off the loss.)"""
     labels = jnp.array([0, 3, 1, 2])
     drop = jnp.array([True, False, True, False])
-    context = train.class_context(labels, 4, drop)
+    context = evaluation.class_context(labels, 4, drop)
     np.testing.assert_array_equal(context[:, 0], np.where(drop[:, None], 0.0,
                                                           np.eye(4)[np.asarray(labels)]))
     B, K, rate = 4000, 4, 0.3
     labels = jnp.asarray(np.arange(B) % K)
 
-    def forward(params, perms, x, cfg, remat, dtype, context):
+    def forward(params, perms, x, cfg, *, remat, compute_dtype, context):
         kept = context.sum((1, 2))  # 1 kept, 0 dropped
         exact = (context[:, 0] == jax.nn.one_hot(labels, K)).all(1) | (kept == 0)
         return jnp.zeros_like(x), jnp.where(exact, kept, jnp.nan) + params["w"] * 0
@@ -699,6 +700,51 @@ def test_init_from_copies_params_and_perms_only(tmp_path, capsys):
             np.testing.assert_array_equal(fine[name], pre[name], err_msg=name)
     expect_error(capsys, "pass the same model flags", *argv, "--depth", 2, "--steps", 1,
                  "--init_from", tmp_path / "pre", "--workdir", tmp_path / "other")
+
+
+@pytest.mark.slow
+def test_an_exported_model_loads_everywhere_and_checks_itself(tmp_path, capsys):
+    """--export writes a run's model without its optimizer state, its metrics and check.npz
+    (the first test images and their bits/dim under the noise of jax.random.key(0)), which
+    jet.forward reproduces; the export samples (--sample), evaluates as the run did
+    (--eval_only), seeds a new run (--init_from), and refuses to resume training, naming the
+    fix."""
+    argv = [*SMALL, "--dataset", "synthetic", "--eval_every", 3]
+    run_train(*argv, "--steps", 3, "--workdir", tmp_path / "run")
+    out = tmp_path / "shipped"
+    exported = run_train("--workdir", tmp_path / "run", "--export", out)
+    assert sorted(os.listdir(out)) == ["check.npz", "checkpoint.npz", "curve.svg",
+                                       "metrics.jsonl"]
+    assert "opt_state" not in " ".join(np.load(out / "checkpoint.npz").files)
+    state, cfg, meta = checkpoints.read_run(str(out))
+    check = np.load(out / "check.npz")
+    assert len(check["images"]) == train.CHECK_IMAGES and meta["step"] == exported["step"] == 3
+    x = jet.dequantize(jax.random.key(0), jnp.asarray(check["images"]))
+    bpd = jet.bits_per_dim(*jet.forward(state["params"], state["perms"], x, cfg)).mean()
+    assert float(bpd) == pytest.approx(float(check["bpd"]), abs=1e-6)
+    assert run_train("--workdir", out, "--eval_only")["test_bpd"] == pytest.approx(
+        run_train("--workdir", tmp_path / "run", "--eval_only")["test_bpd"], abs=1e-6)
+    assert os.path.exists(run_train("--workdir", out, "--sample", 4)["samples"])
+    run_train(*argv, "--steps", 1, "--init_from", out, "--workdir", tmp_path / "tuned")
+    expect_error(capsys, f"--init_from {out} --workdir NEW_DIR", *argv, "--steps", 4,
+                 "--workdir", out)
+
+
+@pytest.mark.parametrize("name", ["cifar10-cpu", "fashion-mnist-cpu"])
+def test_a_shipped_model_scores_what_it_recorded(name):
+    """The trained flows in the box (trained/NAME: `python train.py --dataset D` for 30 minutes,
+    then --export) load as any run does and score, on the test images shipped beside them
+    (check.npz) under the fixed noise of jax.random.key(0), the bits/dim recorded there to
+    1e-4: a change to the model's function shows here, no dataset needed."""
+    path = os.path.join(HERE, "trained", name)
+    state, cfg, meta = checkpoints.read_run(path)
+    check = np.load(os.path.join(path, "check.npz"))
+    x = jet.dequantize(jax.random.key(0), jnp.asarray(check["images"]))
+    z, logdet = jax.jit(jet.forward)(state["params"], state["perms"], x, cfg)
+    assert float(jet.bits_per_dim(z, logdet).mean()) == pytest.approx(float(check["bpd"]),
+                                                                      abs=1e-4)
+    assert meta["flags"]["preset"] in ("cpu", "fashion_mnist_cpu") and "opt_state" not in str(
+        np.load(os.path.join(path, "checkpoint.npz")).files)
 
 
 # ------------------------------------------------------------------------------------------
@@ -827,7 +873,7 @@ def test_forward_flops_matches_xla_count():
                      emb_dim=32, num_heads=4)
     params, perms = jax.eval_shape(lambda: jet.init(jax.random.key(0), cfg))
     x = jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32)
-    cost = jax.jit(jet.forward, static_argnums=3).lower(params, perms, x, cfg).compile()
+    cost = jax.jit(jet.forward).lower(params, perms, x, cfg).compile()
     analysis = cost.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     per_image = analysis["flops"] / 8

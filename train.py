@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -28,6 +29,7 @@ import optax
 import checkpoints
 import cluster
 import data
+import evaluation
 import jet
 import pictures
 import presets
@@ -99,13 +101,6 @@ def new_state(params, perms, tx, rng=None) -> dict:
     return state if rng is None else state | {"rng": rng}
 
 
-def class_context(labels: jax.Array, num_classes: int, drop=None) -> jax.Array:
-    """Labels [B] -> big_vision's context, one-hot [B, 1, num_classes]; where drop [B] is True,
-    the zero context (the unconditional model)."""
-    context = jax.nn.one_hot(labels, num_classes)[:, None, :]
-    return context if drop is None else jnp.where(drop[:, None, None], 0.0, context)
-
-
 def make_train_step(cfg: jet.Config, f: dict, forward=jet.forward):
     """One jitted update with f's optimizer (its schedule fixed at f["steps"]): dequantize with
     noise key fold_in(key, step), loss = mean bits/dim. A conditional model (cfg.context_dim)
@@ -121,11 +116,12 @@ def make_train_step(cfg: jet.Config, f: dict, forward=jet.forward):
         if cfg.context_dim:
             drop = jax.random.bernoulli(jax.random.fold_in(key, LABEL_DROPOUT_STREAM),
                                         label_dropout, labels.shape)
-            context = {"context": class_context(labels, cfg.context_dim, drop)}
+            context = {"context": evaluation.class_context(labels, cfg.context_dim, drop)}
 
         def loss_fn(params):
             x = jet.dequantize(key, images)
-            z, logdet = forward(params, state["perms"], x, cfg, remat, dtype, **context)
+            z, logdet = forward(params, state["perms"], x, cfg, remat=remat, compute_dtype=dtype,
+                                **context)
             return jet.bits_per_dim(z, logdet).mean()
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -149,91 +145,10 @@ def read_losses(pending: list, workdir: str) -> list[tuple[float, float]]:
 
 
 # ------------------------------------------------------------------------------------------
-# Evaluation: bits/dim over a whole set with a fixed noise key
-
-
-def make_batch_stats(cfg: jet.Config, f: dict, forward):
-    """Jitted (params, perms, images, labels, mask, key, classify) -> masked sums over one
-    batch: "bpd" (conditional models: under the true label); with classify, also "accuracy"
-    (argmax over classes of log p(x | y), every class evaluated on the same noise) and
-    "unconditional_bpd" (under the zero context)."""
-    dtype = presets.compute_dtype(f)
-
-    def bpd(params, perms, x, context=None):
-        kwargs = {} if context is None else {"context": context}
-        z, logdet = forward(params, perms, x, cfg, compute_dtype=dtype, **kwargs)
-        return jet.bits_per_dim(z, logdet)  # [B]
-
-    @functools.partial(jax.jit, static_argnames="classify")
-    def batch_stats(params, perms, images, labels, mask, key, classify=False):
-        x = jet.dequantize(key, images)
-        K = cfg.context_dim
-        if not K:
-            return {"bpd": jnp.sum(bpd(params, perms, x) * mask)}
-        stats = {"bpd": jnp.sum(bpd(params, perms, x, class_context(labels, K)) * mask)}
-        if classify:
-            every = jax.lax.map(  # [K, B]: bits/dim of each example under each class
-                lambda c: bpd(params, perms, x, class_context(jnp.full_like(labels, c), K)),
-                jnp.arange(K))
-            stats["accuracy"] = jnp.sum((jnp.argmin(every, axis=0) == labels) * mask)
-            zero = jnp.zeros((x.shape[0], 1, K), x.dtype)
-            stats["unconditional_bpd"] = jnp.sum(bpd(params, perms, x, zero) * mask)
-        return stats
-    return batch_stats
-
-
-def make_evaluators(run: dict) -> dict:
-    """name -> evaluate(state, key, classify=False, limit=None) -> {"bpd", ...} over "test",
-    "validation" (with --validation) and "train", a fixed slice of the training set as large
-    as the held-out set (at most 2,000 images), where overfitting shows."""
-    f, sets = run["f"], run["sets"]
-    batch_stats = make_batch_stats(run["cfg"], f, run["model"]["forward"])
-    size = min(len(sets["train"]), len(sets.get("validation", sets["test"])), 2000)
-    evaluators = {}
-    for name in ("test", "validation", "train"):
-        if name in sets:
-            index = (data.batch_indices(len(sets["train"]), size, f["seed"], 0)
-                     if name == "train" else slice(None))
-            labels = sets.get(f"{name}_labels", np.zeros(len(sets[name]), np.int64))
-            evaluators[name] = make_evaluate(batch_stats, sets[name][index], labels[index],
-                                             f["eval_batch_size"], run["put_batch"])
-    return evaluators
-
-
-def make_evaluate(batch_stats, images: np.ndarray, labels: np.ndarray, batch_size: int,
-                  put_batch):
-    """Means over `images` (or their first `limit`) of batch_stats' sums; batch i's noise is
-    fold_in(key, i), so every figure is reproducible."""
-    def evaluate(state, key, classify=False, limit=None) -> dict[str, float]:
-        totals, last_line, n = {}, time.time(), min(limit or len(images), len(images))
-        for i, ((batch, batch_labels), mask) in enumerate(
-                data.padded_batches((images, labels), batch_size, limit)):
-            if time.time() - last_line >= PROGRESS_SECONDS:
-                print(f"evaluating: {i * batch_size}/{n} images", flush=True)
-                last_line = time.time()
-            sums = batch_stats(state["params"], state["perms"], put_batch(batch),
-                               put_batch(batch_labels), put_batch(mask),
-                               jax.random.fold_in(key, i), classify=classify)
-            for name, value in sums.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-        return {name: totals[name] / n  # "bpd" first
-                for name in sorted(totals, key=lambda name: name != "bpd")}
-    evaluate.size = len(images)
-    return evaluate
-
-
-def eval_line(record: dict) -> str:
-    """An evaluation record as a log line: "test 3.6512 bpd | test_accuracy 0.3120 | ..."."""
-    return " | ".join(f"{k.removesuffix('_bpd')} {v if isinstance(v, int) else f'{v:.4f}'}"
-                      + " bpd" * k.endswith("_bpd") for k, v in record.items()
-                      if k not in ("step", "time_s"))
-
-
-# ------------------------------------------------------------------------------------------
 # Samples
 
 
-sample_jit = jax.jit(jet.sample, static_argnums=(3, 4, 6))
+sample_jit = jax.jit(jet.sample, static_argnames=("n", "compute_dtype"))
 # The flow main() trains; ablate.py's variants add "data_init" (params, perms, x, cfg) -> params.
 JET = {"name": "jet", "init": jet.init, "forward": jet.forward, "sample": sample_jit}
 
@@ -249,13 +164,14 @@ def sample_rows(run: dict, state: dict, n=None, temperatures=None, classes=None)
     key = run_keys(jax.random.wrap_key_data(state["rng"]))["sample"]
     K, rows, n = cfg.context_dim, [], n or (GRID // 8 if cfg.context_dim else GRID)
     draw = lambda t, **c: checkpoints.to_host(sample(  # noqa: E731
-        state["params"], state["perms"], key, n, cfg, t, presets.compute_dtype(f), **c))
+        state["params"], state["perms"], key, n, cfg, temperature=t,
+        compute_dtype=presets.compute_dtype(f), **c))
     for t in temperatures or run["temperature"]:
         if not K:
             images, cols = draw(t), math.ceil(math.sqrt(n))
             rows += [images[i:i + cols] for i in range(0, n, cols)]
             continue
-        contexts = [class_context(jnp.full((n,), c), K) for c in
+        contexts = [evaluation.class_context(jnp.full((n,), c), K) for c in
                     (classes or (range(K) if K <= 20 else range(10)))]
         if f.get("label_dropout"):
             contexts.append(jnp.zeros((n, 1, K)))
@@ -364,7 +280,7 @@ def evaluate_at(run: dict, state: dict, step: int, carried: dict, clock: dict, p
         stats = test(state, key, classify=True, limit=classify)
         record |= {"test_accuracy": stats["accuracy"], "test_classified": classify,
                    "test_unconditional_bpd": stats["unconditional_bpd"]}
-    print(f"step {step}/{f['steps']} | " + eval_line(record), flush=True)
+    print(f"step {step}/{f['steps']} | " + evaluation.eval_line(record), flush=True)
     cluster.on_main(checkpoints.append_record, in_workdir(run, "metrics.jsonl"),
                     record | {"time_s": time.time() - run["started"]})
     cluster.on_main(pictures.write_grid, in_workdir(run, f"samples_{step:07d}.png"),
@@ -428,6 +344,8 @@ def command(args, model: dict, started: float) -> dict:
     if args.sample:
         return from_checkpoint(run, ckpt, args)
     run["sets"], K = data.load_for_run(f, cfg.image_shape)
+    if args.export:
+        return export(run, ckpt, args.export)
     if K and not ckpt["meta"]:  # an npz dataset's classes are known once its labels are read
         run["cfg"] = cfg = dataclasses.replace(cfg, context_dim=K)
     if "steps" not in f and not f.get("time_budget"):
@@ -435,10 +353,14 @@ def command(args, model: dict, started: float) -> dict:
                                                                      f["batch_size"])))
     run["put_batch"], run["replicate"] = cluster.data_parallel(
         {k: run["f"][k] for k in ("batch_size", "eval_batch_size")})
-    run["evaluators"] = make_evaluators(run)
+    run["evaluators"] = evaluation.make_evaluators(run)
     run["held"] = "validation" if "validation" in run["sets"] else "test"  # what picks the best
     if args.eval_only:
         return from_checkpoint(run, ckpt, args)
+    if ckpt["meta"] and "exported_from" in ckpt["meta"]:
+        raise ValueError(f"{args.workdir} holds an exported model (weights only, no optimizer "
+                         f"state): it cannot resume training. Start a run from it with "
+                         f"--init_from {args.workdir} --workdir NEW_DIR.")
     run["args"], run["baseline"] = args, data.histogram_baselines(
         run["sets"], f["dataset"], f.get("data_dir"), f.get("validation"), f.get("train_images"))
     state, plan = initial_state(run, ckpt)
@@ -467,7 +389,7 @@ def initial_state(run: dict, ckpt: dict) -> tuple[dict, dict | None]:
         params, perms = checkpoints.load_params(
             f["init_from"], checkpoints.state_template(cfg, None, model["init"]), cfg)
     else:
-        params, perms = jax.jit(model["init"], static_argnums=1)(key, cfg)
+        params, perms = jax.jit(model["init"])(key, cfg)
     if "data_init" in model and not f.get("init_from"):  # e.g. ActNorm: the first batch's stats
         first = run["sets"]["train"][data.batch_indices(len(run["sets"]["train"]),
                                                         f["batch_size"], f["seed"], 0)]
@@ -511,8 +433,38 @@ def from_checkpoint(run: dict, ckpt: dict, args) -> dict:
             stats = run["evaluators"][name](state, run_keys(jax.random.wrap_key_data(
                 state["rng"]))["eval"], classify=name == "test")
             result |= {f"{name}_{stat}": v for stat, v in stats.items()}
-    print(f"step {result['step']} | " + eval_line(result), flush=True)
+    print(f"step {result['step']} | " + evaluation.eval_line(result), flush=True)
     return result
+
+
+CHECK_IMAGES = 32  # test images an exported model carries, with their bits/dim (check.npz)
+
+
+def export(run: dict, ckpt: dict, out: str) -> dict:
+    """--export DIR: the workdir's latest model without its optimizer state, DIR/checkpoint.npz
+    (with the run's metadata), its metrics.jsonl and curve.svg, and DIR/check.npz: the first
+    CHECK_IMAGES test images (and labels) with their mean bits/dim under the noise of
+    jax.random.key(0) (a conditional model: given their labels), so that a copy of the model
+    can be checked without the dataset."""
+    cfg, model, meta = run["cfg"], run["model"], ckpt["meta"]
+    state = checkpoints.restore(ckpt["arrays"], checkpoints.state_template(
+        cfg, None, model["init"]), ckpt["path"])
+    os.makedirs(out, exist_ok=True)
+    checkpoints.save(os.path.join(out, "checkpoint.npz"), state,
+                     meta | {"log_window": [], "exported_from": run["workdir"]})
+    images = run["sets"]["test"][:CHECK_IMAGES]
+    labels = run["sets"].get("test_labels", np.zeros(len(images), np.int64))[:CHECK_IMAGES]
+    context = {"context": evaluation.class_context(labels, cfg.context_dim)} if cfg.context_dim else {}
+    x = jet.dequantize(jax.random.key(0), jnp.asarray(images))
+    z, logdet = jax.jit(model["forward"])(state["params"], state["perms"], x, cfg, **context)
+    bpd = float(jet.bits_per_dim(z, logdet).mean())
+    np.savez(os.path.join(out, "check.npz"), images=images, labels=labels, bpd=np.float64(bpd))
+    for name in ("metrics.jsonl", "curve.svg"):
+        if os.path.exists(in_workdir(run, name)):
+            shutil.copyfile(in_workdir(run, name), os.path.join(out, name))
+    print(f"Exported {ckpt['path']} (step {meta['step']}) to {out}: {CHECK_IMAGES} test images "
+          f"score {bpd:.4f} bits/dim under fixed noise (check.npz).", flush=True)
+    return {"export": out, "check_bpd": bpd, "step": meta["step"]}
 
 
 if __name__ == "__main__":
