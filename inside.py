@@ -2,17 +2,19 @@
 its bits go, and walks through its latent space (docs/inside.md shows them beside the paper).
 
   python inside.py runs/cifar10-cpu       # a trained run: pictures in runs/cifar10-cpu/inside/
+  python inside.py trained/cifar10-cpu --test_images trained/cifar10-cpu/check.npz
+                                          # the shipped model, on its 32 shipped test images
   python inside.py --dataset cifar10      # no run: a fresh model, its output layers perturbed
                                           # (at init every coupling is the identity)
 
-Writes splits.png, stages.png, stages.svg, bits.png, couplings.svg, latent.png, summary.md
-(every number the pictures show) and figures.npz (the arrays behind the bit pictures) into
---out. Standard library + NumPy pictures
-(pictures.py); every random draw derives from one fixed key, so a run's pictures repeat.
+Writes splits.svg, stages.svg, values.svg, bits.svg, couplings.svg, latent.svg (each
+labelled: rows, columns, colour scales), summary.md (every number the pictures show) and
+figures.npz (the arrays behind the bit pictures) into --out. Standard library + NumPy
+pictures (pictures.py); every random draw derives from one fixed key, so a run's pictures
+repeat.
 """
 
 import argparse
-import functools
 import math
 import os
 import sys
@@ -35,10 +37,10 @@ FRAMES = 8  # interpolation frames, both ends included
 SCALE = 3.0  # the stage pictures map [-SCALE, SCALE] to [0, 255], one scale for all stages
 PERTURB = 0.05  # without a run: std of the output layers (zero at init) of the fresh model
 BATCH = 250  # images a batch for the test-set pass
-# Compiled once a Config for every caller (cfg is static; jet.py never jits itself).
-FORWARD = jax.jit(jet.forward, static_argnums=3)
-INVERSE = jax.jit(jet.inverse, static_argnums=3)
-TRACE = jax.jit(bits.trace, static_argnums=3)
+# Compiled once a Config for every caller (a Config is static; jet.py never jits itself).
+FORWARD = jax.jit(jet.forward)
+INVERSE = jax.jit(jet.inverse)
+TRACE = jax.jit(bits.trace)
 
 
 # ------------------------------------------------------------------------------------------
@@ -141,7 +143,7 @@ def bit_budget(out: dict, cfg: jet.Config) -> dict:
     return {"couplings": couplings, "gaussian": out["bits"].mean((1, 2, 3)) - couplings.sum(0)}
 
 
-@functools.partial(jax.jit, static_argnums=3)
+@jax.jit
 def batch_bits(params, perms, x, cfg: jet.Config) -> dict:
     """Sums over the batch x: bits per pixel [H, W] (summed over channels), each coupling's
     bits/dim [depth], the Gaussian term, bits/dim, and each image's share of its bits in its
@@ -202,33 +204,56 @@ def to_picture(state: np.ndarray) -> np.ndarray:
     return np.round(np.clip((state + SCALE) / (2 * SCALE), 0, 1) * 255).astype(np.uint8)
 
 
+def grey(values: np.ndarray) -> np.ndarray:
+    """Values on the stages' scale [-SCALE, SCALE] [n] -> the grey uint8 RGB they are drawn in."""
+    return np.repeat(to_picture(values)[:, None], 3, axis=1)
+
+
 def draw(out_dir: str, f: dict) -> None:
-    """Every picture from the figures `f` (see figures())."""
-    w = lambda name: os.path.join(out_dir, name)  # noqa: E731
-    pictures.write_grid(w("splits.png"), f["splits_rows"])
-    pictures.write_grid(w("stages.png"), list(to_picture(f["stages"]).transpose(1, 0, 2, 3, 4)))
+    """Every picture from the figures `f` (see figures()), each labelled: rows, columns and,
+    where colour stands for a number, its scale."""
+    def svg(name, text):
+        with open(os.path.join(out_dir, name), "w") as file:
+            file.write(text)
+    C = f["images"].shape[-1]
+    channels = ["R", "G", "B"] if C == 3 else [f"channel {c + 1}" for c in range(C)]
+    svg("splits.svg", pictures.labelled_grid_svg(
+        f["splits_rows"], "which values each kind of coupling keeps (x1, white) and transforms",
+        ["image | its token grid"] + f["split_labels"],
+        [f"x1 of {c}" for c in channels] + ["x1 only"]))
     stages = f["stage_couplings"]
-    with open(w("stages.svg"), "w") as file:
-        file.write(pictures.histograms_svg(
-            [(f"after {s} couplings" if s else "the image x", f["stages"][i])
-             for i, s in enumerate(stages)], "values of the drawn images at each stage, "
-            "against N(0, 1) (red)"))
+    svg("stages.svg", pictures.labelled_grid_svg(
+        list(to_picture(f["stages"]).transpose(1, 0, 2, 3, 4)),
+        "test images turning into noise, coupling by coupling",
+        [f"test image {i + 1}" for i in range(len(f["images"]))],
+        ["the image x" if s == 0 else f"after {s}" for s in stages],
+        (-SCALE, SCALE, "value (clipped)", grey)))
+    svg("values.svg", pictures.histograms_svg(
+        [(f"after {s} couplings" if s else "the image x", f["stages"][i])
+         for i, s in enumerate(stages)], "values of the drawn images at each stage, "
+        "against N(0, 1) (red)"))
     hi = float(np.percentile(f["pixel_bits"], 99))
     heat = pictures.heat_map(np.concatenate([f["pixel_bits"], f["mean_pixel_bits"][None]]), hi)
     pairs = [np.stack([rgb(image), h]) for image, h in zip(f["images"], heat)]
-    pictures.write_grid(w("bits.png"), pairs + [heat[-1:]])
+    svg("bits.svg", pictures.labelled_grid_svg(
+        pairs + [heat[-1:]], "where the bits go: bits per pixel (its channels summed)",
+        [f"test image {i + 1}" for i in range(len(pairs))]
+        + [f"mean of {f['test_images']:,} test images"], ["image", "bits"],
+        (0.0, hi, "bits per pixel", lambda v: pictures.heat_map(v, hi))))
     colors = {"channels": "#1f77b4", "spatial": "#ff7f0e"}
     kinds = [kind for kind, _ in f["couplings_order"]]
-    with open(w("couplings.svg"), "w") as file:
-        file.write(pictures.bars_svg(
-            list(f["coupling_bits"]), [colors[k] for k in kinds],
-            [(colors["channels"], "channel coupling"), (colors["spatial"], "spatial coupling")],
-            f"each coupling's share of bits/dim: {f['gaussian']:.3f} (Gaussian term) "
-            f"{f['coupling_bits'].sum():+.3f} (couplings) = {f['bpd']:.3f}",
-            "bits/dim"))
+    svg("couplings.svg", pictures.bars_svg(
+        list(f["coupling_bits"]), [colors[k] for k in kinds],
+        [(colors["channels"], "channel coupling"), (colors["spatial"], "spatial coupling")],
+        f"each coupling's share of bits/dim: {f['gaussian']:.3f} (Gaussian term) "
+        f"{f['coupling_bits'].sum():+.3f} (couplings) = {f['bpd']:.3f}", "bits/dim"))
     rows = [rgb(f["walks"]["linear"]), rgb(f["walks"]["spherical"])]
-    pictures.write_grid(w("latent.png"), rows + [rgb(r) for r in f["temperature_rows"]])
-
+    svg("latent.svg", pictures.labelled_grid_svg(
+        rows + [rgb(r) for r in f["temperature_rows"]],
+        "walks between two test images' latents, and samples at each temperature",
+        ["straight line in z", "great circle in z"] + [f"sample, T = {T:g}"
+                                                       for T in TEMPERATURES],
+        [f"{i + 1}" for i in range(FRAMES)]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -243,9 +268,11 @@ def figures(params, perms, cfg: jet.Config, test: np.ndarray) -> dict:
     x = jet.dequantize(jax.random.fold_in(key, 0), jnp.asarray(images))
     out = TRACE(params, perms, x, cfg)
     stages = stage_indices(cfg.depth)
+    masks = split_masks(perms, cfg)
     whole = test_set_bits(params, perms, cfg, test, jax.random.fold_in(key, 1))
     return {
-        "images": images, "splits_rows": splits_rows(images[0], split_masks(perms, cfg), cfg),
+        "images": images, "splits_rows": splits_rows(images[0], masks, cfg),
+        "split_labels": [f"coupling {i + 1}: {kind}, {proj}" for i, kind, proj, _ in masks],
         "couplings_order": cfg.couplings(),
         "stage_couplings": stages, "stages": np.asarray(out["states"])[stages],
         "pixel_bits": np.asarray(out["bits"].sum(-1)), "mean_pixel_bits": whole["pixels"],
@@ -287,8 +314,11 @@ def model_and_data(args) -> tuple[dict, jax.Array, jet.Config, np.ndarray, str]:
     """A trained run's model and its test images, or a fresh model on --dataset's."""
     if args.run:
         state, cfg, meta = checkpoints.read_run(args.run)
-        dataset = meta["flags"]["dataset"]
-        test = data.load(dataset, args.data_dir, md5=meta["flags"].get("data_md5"))["test"]
+        if args.test_images:
+            test = test_images(args.test_images, cfg)
+        else:
+            test = data.load(meta["flags"]["dataset"], args.data_dir,
+                             md5=meta["flags"].get("data_md5"))["test"]
         return state["params"], state["perms"], cfg, test, f"{args.run} (step {meta['step']})"
     dataset = args.dataset or "cifar10"
     test = data.load(dataset, args.data_dir, md5=args.data_md5)["test"]
@@ -296,6 +326,20 @@ def model_and_data(args) -> tuple[dict, jax.Array, jet.Config, np.ndarray, str]:
     cfg = presets.make_config({"preset": preset}, test.shape[1:])
     params, perms = fresh_model(jax.random.key(KEY), cfg)
     return params, perms, cfg, test, f"a fresh {preset}-preset model on {dataset}"
+
+
+def test_images(path: str, cfg: jet.Config) -> np.ndarray:
+    """The uint8 `images` [M, H, W, C] of an .npz (an exported model's check.npz), checked
+    against the model's image shape."""
+    try:
+        with np.load(path) as f:
+            images = f["images"]
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"--test_images {path}: not an .npz with an `images` array ({e}).")
+    if images.dtype != np.uint8 or images.shape[1:] != cfg.image_shape or len(images) < 2:
+        raise ValueError(f"--test_images {path}: images are {images.dtype}{list(images.shape)}; "
+                         f"the model needs uint8 [M >= 2, {', '.join(map(str, cfg.image_shape))}].")
+    return images
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -309,9 +353,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--data_dir", help=f"dataset location (default {data.DEFAULT_DATA_DIR})")
     a("--data_md5", help="without RUN: md5 of a cifar10 archive you trust (e.g. a subset)")
     a("--images", type=int, help="test images for the bit figures (default: the whole test set)")
+    a("--test_images", metavar="NPZ", help="with RUN: test images from this .npz (uint8 "
+      "`images` [M, H, W, C]) instead of the run's dataset; an exported model's check.npz "
+      "draws its pictures without the dataset")
     args = p.parse_args(argv)
     if args.run and (args.dataset or args.data_md5):
         p.error("--dataset and --data_md5 are for a fresh model; a run names its own dataset.")
+    if args.test_images and not args.run:
+        p.error("--test_images needs RUN: a fresh model draws its --dataset's test images.")
     if args.images is not None and args.images < 2:
         p.error(f"--images must be at least 2 (the walks join two test images), got {args.images}.")
     return args
@@ -331,8 +380,8 @@ def main(argv=None) -> dict:
         file.write(text)
     np.savez(os.path.join(out_dir, "figures.npz"), mean_pixel_bits=f["mean_pixel_bits"],
              coupling_bits=f["coupling_bits"], pixel_bits=f["pixel_bits"], stages=f["stages"])
-    print(text + f"\nPictures in {out_dir}/: splits.png stages.png stages.svg bits.png "
-          "couplings.svg latent.png", flush=True)
+    print(text + f"\nPictures in {out_dir}/: splits.svg stages.svg values.svg bits.svg "
+          "couplings.svg latent.svg", flush=True)
     return f | {"out": out_dir, "summary": text}
 
 

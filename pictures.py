@@ -2,6 +2,7 @@
 struct) and the learning curve as SVG (text).
 """
 
+import base64
 import json
 import math
 import struct
@@ -20,6 +21,12 @@ GRID_WIDTH = 512  # sample grids are upscaled (nearest neighbour) to at least th
 def write_png(path: str, rows: list[np.ndarray], scale: int = 1) -> None:
     """Rows of uint8 images [n_i, H, W, C] (C = 1 or 3) -> one PNG grid on white, each image
     upscaled `scale` times (nearest neighbour), a gap of max(1, scale // 2) pixels around it."""
+    with open(path, "wb") as f:
+        f.write(png_bytes(rows, scale))
+
+
+def png_bytes(rows: list[np.ndarray], scale: int = 1) -> bytes:
+    """write_png's file, as bytes."""
     H, W, C = rows[0].shape[1:]
     gap, h, w = max(1, scale // 2), H * scale, W * scale
     cols = max(len(row) for row in rows)
@@ -34,9 +41,8 @@ def write_png(path: str, rows: list[np.ndarray], scale: int = 1) -> None:
         return struct.pack(">I", len(body)) + tag + body + struct.pack(
             ">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
     header = struct.pack(">IIBBBBB", grid.shape[1], grid.shape[0], 8, {1: 0, 3: 2}[C], 0, 0, 0)
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
+            + chunk(b"IEND", b""))
 
 
 def grid_scale(cols: int, width: int) -> int:
@@ -299,4 +305,44 @@ def bars_svg(values: list[float], colors: list[str], legend: list[tuple[str, str
         y = top + plot_h + 36 + 16 * j
         out.append(f'<rect x="{left}" y="{y - 9}" width="12" height="12" fill="{color}"/>'
                    f'<text x="{left + 18}" y="{y + 1}">{escape(text)}</text>')
+    return "\n".join(out + ["</svg>\n"])
+
+
+def labelled_grid_svg(rows: list[np.ndarray], title: str, row_labels: list[str],
+                      col_labels: list[str], colour_bar: tuple | None = None) -> str:
+    """A grid of images (write_grid's PNG, embedded) with a label left of each row, one above
+    each column and, with colour_bar = (lo, hi, label, colours), a scale right of it: colours
+    maps values in [lo, hi] [n] to uint8 RGB [n, 3] (heat_map; a grey ramp for values)."""
+    H, W = rows[0].shape[1:3]
+    cols = max(map(len, rows))
+    scale = grid_scale(cols, W)
+    gap, h, w = max(1, scale // 2), H * scale, W * scale
+    grid_w, grid_h = cols * (w + gap) + gap, len(rows) * (h + gap) + gap
+    left = 12 + 6 * max(map(len, row_labels), default=0)
+    top, right = 44, 90 if colour_bar else 12
+    png = base64.b64encode(png_bytes(rows, scale)).decode()
+    out = svg_open(left + grid_w + right, top + grid_h + 8, title)
+    out[0] = out[0].replace("<svg ", '<svg xmlns:xlink="http://www.w3.org/1999/xlink" ')
+    out.append(f'<image x="{left}" y="{top}" width="{grid_w}" height="{grid_h}" '
+               f'style="image-rendering:pixelated" href="data:image/png;base64,{png}" '
+               f'xlink:href="data:image/png;base64,{png}"/>')
+    for i, label in enumerate(row_labels):
+        y = top + gap + i * (h + gap) + h / 2 + 4
+        out.append(f'<text x="{left - 6}" y="{y:.1f}" text-anchor="end">{escape(label)}</text>')
+    for j, label in enumerate(col_labels):
+        x = left + gap + j * (w + gap) + w / 2
+        out.append(f'<text x="{x:.1f}" y="{top - 6}" text-anchor="middle" font-size="10">'
+                   f'{escape(label)}</text>')
+    if colour_bar:
+        lo, hi, label, colours = colour_bar
+        x0, steps = left + grid_w + 14, 64
+        values = np.linspace(hi, lo, steps)  # top to bottom
+        for k, (r, g, b) in enumerate(colours(values)):
+            out.append(f'<rect x="{x0}" y="{top + k * grid_h / steps:.2f}" width="14" '
+                       f'height="{grid_h / steps + 0.5:.2f}" fill="rgb({r},{g},{b})"/>')
+        for v in ticks(lo, hi, 5):
+            y = top + (hi - v) / (hi - lo) * grid_h
+            out.append(f'<text x="{x0 + 18}" y="{y + 4:.1f}">{v:g}</text>')
+        out.append(f'<text x="{x0 + 66}" y="{top + grid_h / 2}" transform="rotate(90 '
+                   f'{x0 + 66} {top + grid_h / 2})" text-anchor="middle">{escape(label)}</text>')
     return "\n".join(out + ["</svg>\n"])

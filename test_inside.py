@@ -115,16 +115,20 @@ def test_fresh_model_moves_its_input():
 
 @pytest.mark.slow
 def test_inside_draws_a_trained_run_and_a_fresh_model(tmp_path):
-    """python inside.py on a (2-step) trained run of the mini archive and without a run: every
-    picture is written, and the summary reports an exact round trip and exact walk ends."""
+    """python inside.py on a (2-step) trained run of the mini archive, without a run, and on the
+    run's export with its shipped test images (no dataset): every picture is written, and the
+    summary reports an exact round trip and exact walk ends."""
     md5 = make_cifar_tar(tmp_path / "cifar-10-binary.tar.gz", n=12)
     data_flags = ["--data_dir", str(tmp_path), "--data_md5", md5]
     run = str(tmp_path / "run")
     train.main(["--dataset", "cifar10", "--preset", "tiny", "--depth", "4", "--steps", "2",
                 "--batch_size", "8", "--eval_every", "2", "--workdir", run, *data_flags])
-    names = {"splits.png", "stages.png", "stages.svg", "bits.png", "couplings.svg",
-             "latent.png", "summary.md"}
-    for argv in ([run, "--data_dir", str(tmp_path)], [*data_flags, "--out", str(tmp_path / "f")]):
+    names = {"splits.svg", "stages.svg", "values.svg", "bits.svg", "couplings.svg",
+             "latent.svg", "summary.md"}
+    shipped = str(tmp_path / "shipped")
+    train.main(["--workdir", run, "--export", shipped, "--data_dir", str(tmp_path)])
+    for argv in ([run, "--data_dir", str(tmp_path)], [*data_flags, "--out", str(tmp_path / "f")],
+                 [shipped, "--test_images", os.path.join(shipped, "check.npz")]):
         f = inside.main(argv)
         assert names <= set(os.listdir(f["out"]))
         assert "uint8 images back equal: yes" in f["summary"]
