@@ -90,9 +90,12 @@ def trend(gaps: list[tuple[float, float]], standings: list[str]) -> str:
 
 def every(phrases: list[str]) -> str:
     """One sentence for several variants' trends: "every variant's gap halves or more per 4x
-    of compute" only when every one halves (likewise shrinks, grows); else nothing."""
-    for kind in ("halves or more", "shrinks", "grows"):
-        if len(phrases) > 1 and all(f"the gap {kind}" in p for p in phrases):
+    of compute" only when every one halves, "shrinks" when every one shrinks or halves,
+    "grows" when every one grows; else nothing."""
+    kinds = {"halves or more": ("halves",), "shrinks": ("halves", "shrinks"),
+             "grows": ("grows",)}
+    for kind, words in kinds.items():
+        if len(phrases) > 1 and all(any(f"the gap {w}" in p for w in words) for p in phrases):
             return f"Every variant's gap {kind} per 4x of compute."
     return ""
 
