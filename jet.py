@@ -292,7 +292,7 @@ _xavier_uniform = jax.nn.initializers.xavier_uniform()  # big_vision ViT kernels
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def init_dense(key, d_in, d_out, kernel_init=_lecun_normal, bias_std=0.0, dtype=jnp.float32):
+def init_dense(key, d_in, d_out, *, kernel_init=_lecun_normal, bias_std=0.0, dtype=jnp.float32):
     """{"kernel": [d_in, d_out], "bias": [d_out]}. Needs: _lecun_normal."""
     kb, kk = jax.random.split(key)
     return {"kernel": kernel_init(kk, (d_in, d_out), dtype),
@@ -315,7 +315,7 @@ def dense(p, x, *, precision=HIGHEST):
     return y.reshape(*x.shape[:-1], -1)
 
 
-def init_layer_norm(d, dtype=jnp.float32):
+def init_layer_norm(d, *, dtype=jnp.float32):
     """{"scale": ones [d], "bias": zeros [d]}. Needs: nothing."""
     return {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
 
@@ -342,13 +342,13 @@ def _standardize_jvp(eps, primals, tangents):
     return xhat, r * (dx - xhat * (xhat * dx).mean(-1, keepdims=True))
 
 
-def layer_norm(p, x, eps=1e-6):  # eps: flax nn.LayerNorm default
+def layer_norm(p, x, *, eps=1e-6):  # eps: flax nn.LayerNorm default
     """standardize(x) * scale + bias over the last axis. Needs: standardize."""
     scale, bias = (p[n].reshape((1,) * (x.ndim - 1) + (-1,)) for n in ("scale", "bias"))
     return standardize(x, eps) * scale + bias
 
 
-def init_attention(key, emb_dim, num_heads, dtype=jnp.float32, kv_dim=None,
+def init_attention(key, emb_dim, num_heads, *, dtype=jnp.float32, kv_dim=None,
                    kernel_init=_xavier_uniform, out_init=None):
     """Per-head projections shaped as flax MultiHeadDotProductAttention's: query [E, heads,
     E/heads], key and value [kv_dim, heads, E/heads] (kv_dim: the keys' and values' input width,
@@ -397,11 +397,13 @@ def attention(p, x, kv=None, *, precision=HIGHEST):
                  precision=precision)
 
 
-def init_mlp(key, emb_dim, mlp_dim, dtype=jnp.float32):
+def init_mlp(key, emb_dim, mlp_dim, *, dtype=jnp.float32):
     """Two dense layers, E -> mlp_dim -> E. Needs: init_dense, _xavier_uniform."""
     k1, k2 = jax.random.split(key)
-    return {"fc1": init_dense(k1, emb_dim, mlp_dim, _xavier_uniform, 1e-6, dtype),
-            "fc2": init_dense(k2, mlp_dim, emb_dim, _xavier_uniform, 1e-6, dtype)}
+    return {"fc1": init_dense(k1, emb_dim, mlp_dim, kernel_init=_xavier_uniform, bias_std=1e-6,
+                              dtype=dtype),
+            "fc2": init_dense(k2, mlp_dim, emb_dim, kernel_init=_xavier_uniform, bias_std=1e-6,
+                              dtype=dtype)}
 
 
 def mlp(p, x, *, precision=HIGHEST):
@@ -411,15 +413,15 @@ def mlp(p, x, *, precision=HIGHEST):
     return dense(p["fc2"], h, precision=precision)
 
 
-def init_vit_block(key, emb_dim: int, num_heads: int, mlp_dim: int | None = None,
+def init_vit_block(key, emb_dim: int, num_heads: int, *, mlp_dim: int | None = None,
                    dtype=jnp.float32) -> dict:
     """One pre-LN ViT block of width emb_dim (mlp_dim None: 4 * emb_dim, as big_vision).
     Needs: init_layer_norm, init_attention, init_mlp."""
     ka, km = jax.random.split(key)
-    return {"ln1": init_layer_norm(emb_dim, dtype),
-            "attention": init_attention(ka, emb_dim, num_heads, dtype),
-            "ln2": init_layer_norm(emb_dim, dtype),
-            "mlp": init_mlp(km, emb_dim, mlp_dim or 4 * emb_dim, dtype)}
+    return {"ln1": init_layer_norm(emb_dim, dtype=dtype),
+            "attention": init_attention(ka, emb_dim, num_heads, dtype=dtype),
+            "ln2": init_layer_norm(emb_dim, dtype=dtype),
+            "mlp": init_mlp(km, emb_dim, mlp_dim or 4 * emb_dim, dtype=dtype)}
 
 
 def vit_block(p, x, *, precision=HIGHEST):
@@ -451,15 +453,17 @@ def init_coupling_net(key, *, num_tokens: int, token_dim: int, emb_dim: int, num
     block_keys = jax.random.split(k_blocks, block_depth)
     p = {"init_proj": init_dense(k_in, D // 2, E, dtype=dtype),
          "posemb": jax.random.normal(k_pos, (N, E), dtype) / math.sqrt(E),
-         "blocks": jax.vmap(lambda k: init_vit_block(k, E, num_heads, mlp_dim, dtype))(
-             block_keys),
-         "encoder_norm": init_layer_norm(E, dtype),
-         "final_proj": init_dense(k_out, E, D, jax.nn.initializers.zeros, dtype=dtype)}
+         "blocks": jax.vmap(lambda k: init_vit_block(k, E, num_heads, mlp_dim=mlp_dim,
+                                                     dtype=dtype))(block_keys),
+         "encoder_norm": init_layer_norm(E, dtype=dtype),
+         "final_proj": init_dense(k_out, E, D, kernel_init=jax.nn.initializers.zeros,
+                                  dtype=dtype)}
     if context_dim:
         k_ctx = jax.random.fold_in(key, 4)  # a fifth key: the four above, and so the other
         # parameters, stay those of the unconditional model
-        p["context_attention"] = init_attention(k_ctx, E, num_heads, dtype, context_dim,
-                                                _lecun_normal, jax.nn.initializers.zeros)
+        p["context_attention"] = init_attention(
+            k_ctx, E, num_heads, dtype=dtype, kv_dim=context_dim, kernel_init=_lecun_normal,
+            out_init=jax.nn.initializers.zeros)
     return p
 
 

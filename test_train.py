@@ -1243,8 +1243,9 @@ def test_a_conditional_time_budget_follows_its_plan(tmp_path, capsys, monkeypatc
     """A budgeted conditional run with a held-out set, whose last evaluation classifies test
     images under every label, runs its plan: the plan fits the budget, the run ends at the
     step count of its last re-timing (each at the re-timing cadence, before the last
-    RETIME_LAST intervals, lengthening the count by at most a quarter), evaluates as often as planned and classifies
-    as many images as planned. Nothing here depends on how fast this machine is."""
+    RETIME_LAST intervals, lengthening the count by at most a quarter), evaluates as often as
+    planned and classifies as many images as planned. Nothing here depends on how fast this
+    machine is."""
     budget = 0.75  # minutes
     plans = []
     real_plan = timing.plan

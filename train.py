@@ -336,6 +336,11 @@ def command(args, model: dict, started: float) -> dict:
     """What the flags ask for: --sample, --eval_only, or training. started: when the command
     began, which a --time_budget counts from (a resumed run: its checkpoint's time before)."""
     ckpt = checkpoints.open_workdir(args.workdir, model["name"], args.sample or args.eval_only)
+    if (ckpt["meta"] or {}).get("exported_from") and not (args.sample or args.eval_only
+                                                          or args.export):
+        raise ValueError(f"{args.workdir} holds an exported model (weights only, no optimizer "
+                         f"state): it cannot resume training. Start a run from it with "
+                         f"--init_from {args.workdir} --workdir NEW_DIR.")
     cluster.check_same_checkpoint(args.workdir, ckpt["meta"])
     f, cfg = presets.settings(args, ckpt["meta"], jax.default_backend())
     run = {"f": f, "cfg": cfg, "meta": ckpt["meta"], "model": model, "workdir": args.workdir,
@@ -357,10 +362,6 @@ def command(args, model: dict, started: float) -> dict:
     run["held"] = "validation" if "validation" in run["sets"] else "test"  # what picks the best
     if args.eval_only:
         return from_checkpoint(run, ckpt, args)
-    if ckpt["meta"] and "exported_from" in ckpt["meta"]:
-        raise ValueError(f"{args.workdir} holds an exported model (weights only, no optimizer "
-                         f"state): it cannot resume training. Start a run from it with "
-                         f"--init_from {args.workdir} --workdir NEW_DIR.")
     run["args"], run["baseline"] = args, data.histogram_baselines(
         run["sets"], f["dataset"], f.get("data_dir"), f.get("validation"), f.get("train_images"))
     state, plan = initial_state(run, ckpt)
@@ -454,7 +455,8 @@ def export(run: dict, ckpt: dict, out: str) -> dict:
                      meta | {"log_window": [], "exported_from": run["workdir"]})
     images = run["sets"]["test"][:CHECK_IMAGES]
     labels = run["sets"].get("test_labels", np.zeros(len(images), np.int64))[:CHECK_IMAGES]
-    context = {"context": evaluation.class_context(labels, cfg.context_dim)} if cfg.context_dim else {}
+    context = ({"context": evaluation.class_context(labels, cfg.context_dim)}
+               if cfg.context_dim else {})
     x = jet.dequantize(jax.random.key(0), jnp.asarray(images))
     z, logdet = jax.jit(model["forward"])(state["params"], state["perms"], x, cfg, **context)
     bpd = float(jet.bits_per_dim(z, logdet).mean())

@@ -35,12 +35,13 @@ def init_cnn(key, cfg: jet.Config, width: int, blocks: int, dtype=jnp.float32) -
         k1, k2 = jax.random.split(k)
         conv = lambda k: {"kernel": conv_init(k, (3, 3, width, width), dtype),  # noqa: E731
                           "bias": jnp.zeros((width,), dtype)}
-        return {"ln1": jet.init_layer_norm(width, dtype), "conv1": conv(k1),
-                "ln2": jet.init_layer_norm(width, dtype), "conv2": conv(k2)}
+        return {"ln1": jet.init_layer_norm(width, dtype=dtype), "conv1": conv(k1),
+                "ln2": jet.init_layer_norm(width, dtype=dtype), "conv2": conv(k2)}
     return {"in": jet.init_dense(k_in, 2 * D, width, dtype=dtype),
             "blocks": jax.vmap(block)(jax.random.split(k_blocks, blocks)),
-            "norm": jet.init_layer_norm(width, dtype),
-            "out": jet.init_dense(k_out, width, 2 * D, jax.nn.initializers.zeros, dtype=dtype)}
+            "norm": jet.init_layer_norm(width, dtype=dtype),
+            "out": jet.init_dense(k_out, width, 2 * D, kernel_init=jax.nn.initializers.zeros,
+                                  dtype=dtype)}
 
 
 def conv3x3(p, h, grid):
@@ -313,7 +314,8 @@ def init_narrow_coupling_net(key, cfg: jet.Config, width: int) -> dict:
     k_net, k_in, k_out = jax.random.split(key, 3)
     p = jet.init_coupling_net(k_net, **cfg.coupling_net_sizes())
     p["init_proj"] = jet.init_dense(k_in, width // 2, cfg.emb_dim)
-    p["final_proj"] = jet.init_dense(k_out, cfg.emb_dim, width, jax.nn.initializers.zeros)
+    p["final_proj"] = jet.init_dense(k_out, cfg.emb_dim, width,
+                                     kernel_init=jax.nn.initializers.zeros)
     return p
 
 
@@ -328,7 +330,7 @@ def init_multiscale(key, cfg: jet.Config, v: Variant) -> tuple[dict, jax.Array]:
               "stage2": jax.vmap(lambda k: init_narrow_coupling_net(k, cfg, D // 2))(keys[F:])}
     if v.multiscale == "split2d":  # zero: mean 0, scale 1 at init, as Glow's Conv2dZeros
         params["split2d"] = jet.init_dense(jax.random.fold_in(k_params, 1), D // 2, D,
-                                           jax.nn.initializers.zeros)
+                                           kernel_init=jax.nn.initializers.zeros)
     return params, multiscale_perms(k_perms, cfg, F)
 
 
