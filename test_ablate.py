@@ -165,7 +165,7 @@ def test_variant_flops_match_xla_count(v):
     analysis = forward.lower(params, perms, x, cfg, v=v).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     assert variants.forward_flops(cfg, v) == pytest.approx(analysis["flops"] / 8, rel=0.15)
-    base = presets.make_config(ablate.ABLATION_BASE, (32, 32, 3))  # the model it varies
+    base = presets.make_config(ablate.STUDY_BASE, (32, 32, 3))  # the model it varies
     assert variants.forward_flops(base, v) == pytest.approx(timing.forward_flops(base), rel=0.1)
 
 
@@ -286,7 +286,7 @@ def test_multiscale_samples_invert_the_flow_on_noise(prior):
     v = variants.Variant(prior, multiscale=prior)
     params, perms = random_flow_params(MS_CFG, v, 5)
     key, n, T = jax.random.key(6), 5, 0.7
-    samples = variants.make_model(v)["sample"](params, perms, key, n, MS_CFG, T)
+    samples = variants.make_model(v)["sample"](params, perms, key, n, MS_CFG, temperature=T)
     assert samples.dtype == jnp.uint8 and samples.shape == (n, *MS_CFG.image_shape)
     z = T * jax.random.normal(key, (n, *MS_CFG.image_shape))
     x, _ = ms_inverse(params, perms, z, MS_CFG, v=v)
@@ -308,7 +308,7 @@ def test_multiscale_flops_match_xla_count(prior):
     analysis = ms_forward.lower(params, perms, x, cfg, v=v).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     assert variants.forward_flops(cfg, v) == pytest.approx(analysis["flops"] / 8, rel=0.15)
-    base = presets.make_config(ablate.ABLATION_BASE, (32, 32, 3))  # the model it varies
+    base = presets.make_config(ablate.STUDY_BASE, (32, 32, 3))  # the model it varies
     assert variants.forward_flops(base, v) == pytest.approx(timing.forward_flops(base), rel=0.05)
 
 
