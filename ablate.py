@@ -1,13 +1,11 @@
 """Why Jet looks the way it does: the paper's design findings, checked on a CPU across compute.
 
 Each experiment trains variants of one base model (STUDY_BASE: train.py's `cpu` preset at
-batch 64) for an equal number of training FLOPs (3x the forward pass's matmul and convolution
-FLOPs per image, from each variant's configuration) at each of its budgets. Every variant
-trains at its own learning rate: a sweep at the experiment's middle budget (seed 0, a factor
-2 apart, widened until the best held-out figure is not at an end), re-checked at the top
-budget for the base and its closest competitor. Then 2 seeds at every budget (a third where
-two rows are too close to call), scored on the test set; ablation_report.py turns the rows
-into tables, verdicts and pictures.
+batch 64) for equal training FLOPs (3x the forward pass's matmul and convolution FLOPs per
+image) at each of its budgets, every variant at its own learning rate: swept at the middle
+budget, re-checked at the top for the base and its closest competitor. 2 seeds a row (3 on a
+close call), scored on the test set; ablation_report.py turns the rows into tables, verdicts
+and pictures.
 
   python ablate.py --list
   python ablate.py [--experiment NAME] [--max_budget TFLOP] [--costs]  # runs, then the report
@@ -15,11 +13,10 @@ into tables, verdicts and pictures.
   python ablate.py --quick           # seconds: the whole path, tiny models, synthetic data
   python ablate.py --where_bits RUN  # a trained run's bits/dim: exact zeros against the rest
 
-Training, data and evaluation are train.py's (train.main with a `model`); the flows Jet leaves
-out are in variants.py. Each finished run is one line of docs/ablations/results.jsonl (commit
-it as the study goes); a run already there (same flags, learning rate included, seed, budget,
-dataset, and a digest of its images) is read back instead of trained again, so an interrupted
-study resumes where it stopped, on this machine or another, and experiments share runs.
+Training, data and evaluation are train.py's; the flows Jet leaves out are in variants.py.
+Each finished run is one line of docs/ablations/results.jsonl; a run already there (same
+flags, lr included, seed, budget, dataset and images' digest) is read back, not trained again,
+so an interrupted study resumes where it stopped, and experiments share runs.
 """
 
 import argparse
@@ -35,6 +32,7 @@ import jax
 import numpy as np
 
 import ablation_report
+import bench
 import bits
 import checkpoints
 import data
@@ -490,37 +488,12 @@ def run_transfer(args, image_shape, digest: str, test: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------------
 # Cost: parameters, FLOPs, time and memory of one training step, measured on this machine
 
-def measure_cost(v: Variant, args, image_shape, steps: int = 20) -> dict:
-    """One variant's training step at its batch: parameters, forward GFLOP per image, median
-    ms per step over `steps` steps after 3 warm-up calls (the first compiles; the next ones
-    still allocate), and XLA's memory for the compiled step
-    (arguments, outputs and temporaries: the step's peak, on any machine of this kind)."""
+def measure_cost(v: Variant, args, image_shape) -> dict:
+    """One variant's training step at its batch (bench.time_variant_step), as a cost record."""
     flags = run_flags(v, None, args.quick)
-    cfg = presets.make_config(flags, image_shape)
-    model = make_model(v)
-    params, perms = model["init"](jax.random.key(0), cfg)
-    f = presets.RECIPE | flags | {"steps": 1000, "remat": False}
-    step_fn = train.make_train_step(cfg, f, model["forward"])
-    state = train.new_state(params, perms, train.make_optimizer(f))
-    batch = int(flags["batch_size"])
-    images = np.random.default_rng(0).integers(0, 256, (batch, *image_shape), np.uint8)
-    key = jax.random.key(0)
-    memory = step_fn.lower(state, images, 0, key).compile().memory_analysis()
-    times = []
-    for i in range(steps + 3):
-        start = time.perf_counter()
-        state, metrics = step_fn(state, images, i, key)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    peak = math.nan if memory is None else (
-        memory.argument_size_in_bytes + memory.output_size_in_bytes
-        + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
     path = "jet.forward (fused)" if v.is_jet else "variants' scan (plain)"
-    return {"kind": "cost", "variant": v.name, "path": path, "batch_size": batch,
-            "params": sum(x.size for x in jax.tree.leaves(params)),
-            "gflop_per_image": forward_flops(cfg, v) * 1e-9,
-            "ms_per_step": 1e3 * float(np.median(times[3:])), "memory_mb": peak / 2 ** 20,
-            "key": cost_key(v, args)}
+    return {"kind": "cost", "variant": v.name, "path": path, "batch_size": flags["batch_size"],
+            **bench.time_variant_step(v, flags, image_shape), "key": cost_key(v, args)}
 
 
 def measure_costs(names: list[str], args, image_shape) -> None:
@@ -588,14 +561,13 @@ def the_digest(records: list[dict], args) -> str:
     return digests.pop() if digests else ""
 
 
-def row(v: Variant, budget: float, lr, runs: list[dict], base_ms: float | None = None,
-        ms: float | None = None) -> dict:
-    """One table row for ablation_report: v at `budget` and `lr`, its runs' figures by seed."""
+def row(v: Variant, budget: float, lr, runs: list[dict], ms: float | None = None) -> dict:
+    """One table row for ablation_report: v at `budget` and `lr`, its runs' figures by seed
+    (and a held-out run's learning curve), its training time at `ms` a step."""
     done = [r for r in runs if not r.get("diverged")]
-    return {"variant": v.name, "budget": budget, "lr": lr,
-            "bpd": [r["test_bpd"] for r in done],
-            "held_out": [r["validation_bpd"] for r in done],
-            "diverged": len(runs) - len(done),
+    return {"variant": v.name, "budget": budget, "lr": lr, "diverged": len(runs) - len(done),
+            "bpd": [r["test_bpd"] for r in done], "held_out": [r["validation_bpd"] for r in done],
+            "curves": [r["curve"] for r in done if "curve" in r],
             **({k: runs[0][k] for k in ("params", "train_gflop_per_image", "steps")}
                if runs else {}),
             "wall_min": float(np.mean([r["wall_s"] for r in runs])) / 60 if runs else None,
@@ -638,12 +610,8 @@ def report(records: list[dict], names: list[str], args, digest: str | None = Non
         tables[name] = ablation_report.experiment(name, EXPERIMENTS[name], experiment_rows(
             name, records, args, digest), args.figures)
     if "scarce_data" in names:
-        budget = scaled(SCARCE_TFLOP, args)
-        rows = [row(v, budget, lr, stored_runs(records, v, budget, args, digest,
-                                                scarce_regime(args), lr))
-                | {"curves": [r["curve"] for r in stored_runs(
-                    records, v, budget, args, digest, scarce_regime(args), lr)
-                    if "curve" in r]}
+        budget, regime = scaled(SCARCE_TFLOP, args), scarce_regime(args)
+        rows = [row(v, budget, lr, stored_runs(records, v, budget, args, digest, regime, lr))
                 for v in SCARCE_VARIANTS
                 if (lr := chosen_lr(records, v, budget, args, digest)) is not None]
         tables["scarce_data"] = ablation_report.scarce(SCARCE_CLAIM, rows, scarce_regime(args),

@@ -29,6 +29,7 @@ import jet
 import presets
 import timing
 import train
+import variants
 
 def image_shape(preset: str) -> tuple[int, int, int]:
     """The image shape of the dataset a preset is for: its own name's, else that of the dataset
@@ -143,6 +144,36 @@ def time_training(cfg, flags, model, images, steps, peak_flops) -> dict:
     batch = images.shape[0]
     return {"compile_s": compile_s, "img_per_s": batch / seconds,
             "utilisation": 3 * timing.forward_flops(cfg) * batch / seconds / peak_flops}
+
+
+def time_variant_step(v: variants.Variant, flags: dict, image_shape, steps: int = 20) -> dict:
+    """One of ablate.py's variants' training step (train.py flags `flags`, no remat):
+    parameters, forward GFLOP per image, median ms per step over `steps` steps after 3 warm-up
+    calls (the first compiles; the next ones still allocate), and XLA's memory for the
+    compiled step (arguments, outputs and temporaries: its peak, on any machine of this
+    kind)."""
+    cfg = presets.make_config(flags, image_shape)
+    model = variants.make_model(v)
+    params, perms = model["init"](jax.random.key(0), cfg)
+    f = presets.RECIPE | flags | {"steps": 1000, "remat": False}
+    step_fn = train.make_train_step(cfg, f, model["forward"])
+    state = train.new_state(params, perms, train.make_optimizer(f))
+    images = np.random.default_rng(0).integers(0, 256, (int(flags["batch_size"]),
+                                                        *image_shape), np.uint8)
+    key = jax.random.key(0)
+    memory = step_fn.lower(state, images, 0, key).compile().memory_analysis()
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        state, metrics = step_fn(state, images, i, key)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    peak = float("nan") if memory is None else (
+        memory.argument_size_in_bytes + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    return {"params": sum(x.size for x in jax.tree.leaves(params)),
+            "gflop_per_image": variants.forward_flops(cfg, v) * 1e-9,
+            "ms_per_step": 1e3 * float(np.median(times[3:])), "memory_mb": peak / 2 ** 20}
 
 
 def time_inference(cfg, params, perms, images, dtype, steps) -> dict:
