@@ -133,6 +133,8 @@ def equal_time(base: dict, rows: list[dict]) -> str:
 def experiment(name: str, e: dict, found: dict, figures: str) -> str:
     """The markdown of one experiment (found: ablate.experiment_rows) and its pictures."""
     rows, first = found["rows"], e["variants"][0].name
+    if not rows and not found["sweeps"]:
+        return f"Claim: {e['claim']}.\n\nNo runs yet: `python ablate.py --experiment {name}`."
     by_budget = {}
     for r in rows:
         by_budget.setdefault(r["budget"], []).append(r)
@@ -246,6 +248,8 @@ def frontier(rows: list[dict], figures: str) -> None:
 def scarce(claim: str, rows: list[dict], regime: dict, figures: str) -> str:
     """The scarce-data table (rows as ablate.row, with each run's held-out curve [(epoch,
     held-out bpd, training-slice bpd)]) and the held-out curves' picture."""
+    if not any(r["bpd"] for r in rows):
+        return f"Claim: {claim}.\n\nNo runs yet: `python ablate.py --experiment scarce_data`."
     lines = [f"Claim: {claim}.", "",
              "| variant | lr | TFLOP | steps | test bpd per seed | mean | spread | vs base | "
              "best held-out at epoch | end: train / held-out bpd | gap | wall/run |",
@@ -286,6 +290,8 @@ def transfer(claim: str, rows: dict, evals: dict) -> str:
     """The transfer table (rows: ablate.transfer_rows, runs by seed or None; evals: run id ->
     its bits/dim on the fine-tuning set's test images), each fine-tuned row against from
     scratch at its own FLOPs and at equal compute (compare)."""
+    if not any(r for runs in rows.values() for r in runs):
+        return f"Claim: {claim}.\n\nNo runs yet: `python ablate.py --experiment transfer`."
     lines = [f"Claim: {claim}.", "",
              "| model | CIFAR-10 training images | TFLOP in all | test bpd per seed | mean | "
              "vs from scratch, same fine-tuning FLOPs | vs from scratch, equal compute |",
@@ -319,6 +325,8 @@ def transfer(claim: str, rows: dict, evals: dict) -> str:
 def costs(records: list[dict]) -> str:
     """The cost table: each variant's measured training step (ablate.measure_cost) and the
     path it trains on."""
+    if not records:
+        return "Not measured yet: `python ablate.py --costs --experiment NAME`."
     lines = ["| variant | path | params | GFLOP/img | ms/step | memory |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in records:

@@ -674,3 +674,16 @@ def test_where_bits_reads_a_trained_run(tmp_path, capsys):
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| exactly")
             or line.startswith("| 1 to")]
     assert 1 <= len(rows) <= 2 and sum(float(r[1]) for r in rows) == pytest.approx(1, abs=2e-3)
+
+
+def test_an_empty_results_file_reports_no_runs_yet(tmp_path, capsys):
+    """Before any run, --report names each experiment's command instead of printing tables
+    with no rows (or a sweep table whose header has no learning rates)."""
+    args = ablate.parse_args(["--workdir", str(tmp_path)])
+    tables = ablate.report([], list(ablate.EXPERIMENTS) + ["scarce_data", "transfer"], args,
+                           digest="none")
+    for name, text in tables.items():
+        assert "|" not in text, name
+        if name != "costs":
+            assert f"No runs yet: `python ablate.py --experiment {name}`." in text, name
+    assert "--costs" in tables["costs"]
