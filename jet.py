@@ -751,6 +751,9 @@ def bits_per_dim(z: jax.Array, logdet: jax.Array, *, levels: int = 256,
     this per-example bound, divided by H*W*C * ln 2 to turn nats into bits per dimension.
     Needs: _cells_per_unit.
     """
+    if z.ndim != 4 or logdet.shape != z.shape[:1]:
+        raise ValueError(f"bits_per_dim expects z [B, H, W, C] and logdet [B] (forward's "
+                         f"outputs), got shapes {z.shape} and {logdet.shape}.")
     dims = math.prod(z.shape[1:])
     s = _cells_per_unit(levels, data_range)
     nll = jnp.sum(0.5 * jnp.square(z), axis=(1, 2, 3)) + dims * (0.5 * math.log(2 * math.pi)

@@ -840,7 +840,7 @@ def test_units_are_stated_and_consistent(x64, seed):
     """dequantize and bits_per_dim take the data's levels and range: images on [0, 1] instead of
     [-1, 1] are the same images, and a density on them scores the same bits/dim once the flow's
     log-det carries the change of units (log 2 per dimension). Other levels and ranges are
-    checked, and non-uint8 images refused."""
+    checked, non-uint8 images refused, and mis-shaped outputs named."""
     key = jax.random.key(seed)
     q = jnp.asarray(np.random.default_rng(seed).integers(0, 256, (2, 4, 4, 3), np.uint8))
     x, x01 = jet.dequantize(key, q), jet.dequantize(key, q, data_range=(0.0, 1.0))
@@ -861,6 +861,8 @@ def test_units_are_stated_and_consistent(x64, seed):
             jet.bits_per_dim(z, logdet, **bad)
     with pytest.raises(ValueError, match="uint8"):
         jet.dequantize(key, q.astype(jnp.float32) / 255)
+    with pytest.raises(ValueError, match=r"z \[B, H, W, C\] and logdet \[B\]"):
+        jet.bits_per_dim(z, logdet[:1])  # or arguments swapped, or a flat z
 
 
 # ------------------------------------------------------------------------------------------
