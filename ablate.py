@@ -410,12 +410,13 @@ def scaled(tflop: float, args) -> float:
 
 def pretrain_regime(records: list[dict], args) -> dict:
     """The pretraining runs' data: --pretrain_data and its images' digest (from the stored
-    runs, so that --report needs no data; else from the images)."""
+    runs, so that --report needs no data; else from the images, or none under --report)."""
     stored = {r["data"] for r in records if is_run(r) and r["dataset"] == args.pretrain_data}
     if len(stored) > 1:
         raise ValueError(f"{args.results} holds pretraining runs on {len(stored)} image sets "
                          f"of {args.pretrain_data}; keep one set's lines.")
-    digest = stored.pop() if stored else data.digest(data.load(args.pretrain_data))
+    digest = (stored.pop() if stored else "" if args.report
+              else data.digest(data.load(args.pretrain_data)))
     return {"dataset": args.pretrain_data, "data": digest}
 
 

@@ -676,10 +676,11 @@ def test_where_bits_reads_a_trained_run(tmp_path, capsys):
     assert 1 <= len(rows) <= 2 and sum(float(r[1]) for r in rows) == pytest.approx(1, abs=2e-3)
 
 
-def test_an_empty_results_file_reports_no_runs_yet(tmp_path, capsys):
+def test_an_empty_results_file_reports_no_runs_yet(tmp_path, monkeypatch):
     """Before any run, --report names each experiment's command instead of printing tables
     with no rows (or a sweep table whose header has no learning rates)."""
-    args = ablate.parse_args(["--workdir", str(tmp_path)])
+    args = ablate.parse_args(["--workdir", str(tmp_path), "--report"])  # and no data here
+    monkeypatch.setattr(ablate.data, "load", lambda *a, **k: pytest.fail("loaded data"))
     tables = ablate.report([], list(ablate.EXPERIMENTS) + ["scarce_data", "transfer"], args,
                            digest="none")
     for name, text in tables.items():
