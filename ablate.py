@@ -1,22 +1,17 @@
 """Why Jet looks the way it does: the paper's design findings, checked on a CPU across compute.
 
-Each experiment trains variants of one base model (STUDY_BASE: train.py's `cpu` preset at
-batch 64) for equal training FLOPs (3x the forward pass's matmul and convolution FLOPs per
-image) at each of its budgets, every variant at its own learning rate: swept at the middle
-budget, re-checked at the top for the base and its closest competitor. 2 seeds a row (3 on a
-close call), scored on the test set; ablation_report.py turns the rows into tables, verdicts
-and pictures.
+Each experiment trains variants of STUDY_BASE (train.py's `cpu` preset at batch 64) for equal
+training FLOPs (3x the forward's matmul and convolution FLOPs per image) at each of its
+budgets, every variant at its own lr (swept at the middle budget, re-checked at the top), 2
+seeds a row (3 on a close call); ablation_report.py turns the rows into tables and pictures.
 
-  python ablate.py --list
   python ablate.py [--experiment NAME] [--max_budget TFLOP] [--costs]  # runs, then the report
-  python ablate.py --report          # seconds: every table and picture, from the results alone
-  python ablate.py --quick           # seconds: the whole path, tiny models, synthetic data
-  python ablate.py --where_bits RUN  # a trained run's bits/dim: exact zeros against the rest
+  python ablate.py --report | --quick | --list | --where_bits RUN      # see --help
 
 Training, data and evaluation are train.py's; the flows Jet leaves out are in variants.py.
-Each finished run is one line of docs/ablations/results.jsonl; a run already there (same
-flags, lr included, seed, budget, dataset and images' digest) is read back, not trained again,
-so an interrupted study resumes where it stopped, and experiments share runs.
+Each finished run is a line of docs/ablations/results.jsonl; a run already there (same flags,
+lr, seed, budget, dataset and images' digest) is read back, not trained again, so a study
+resumes where it stopped and experiments share runs.
 """
 
 import argparse
@@ -47,9 +42,8 @@ from variants import Variant, forward_flops, make_model
 # ------------------------------------------------------------------------------------------
 # Experiments: one per claim of the paper, each at the budgets that answer it
 
-# The model every experiment varies: train.py's `cpu` preset (its model, recipe, kinds and
-# patterns; test_study_base_is_the_cpu_preset) at batch 64, which trains more images a second
-# than its batch 32; 5,000 training images held out, on which every learning rate is chosen.
+# The model every experiment varies: the `cpu` preset (test_study_base_is_the_cpu_preset) at
+# batch 64 (more images a second than 32); every lr is chosen on 5,000 held-out images.
 STUDY_BASE = {"preset": "cpu", "patch_size": 4, "depth": 24, "block_depth": 1, "emb_dim": 32,
               "num_heads": 2, "kinds": ",".join(presets.OFFICIAL_KINDS),
               "spatial_projs": ",".join(jet.SPATIAL_PROJS), "batch_size": 64,
@@ -58,10 +52,9 @@ BASE = Variant("base: the cpu preset's 24 couplings x 1 ViT block, width 32, P=4
 # Learning rates: a sweep starts at LR_GRID (the cpu preset's 1.6e-2 among them) and widens
 # by factors of 2 within LR_BOUNDS until its best held-out figure is inside.
 LR_GRID, LR_BOUNDS = (4e-3, 8e-3, 1.6e-2, 3.2e-2), (2.5e-4, 0.256)
-# name: the claim; the question a picture asks; the budgets (TFLOP a run); how the variants
-# should fare against the first if the claim holds ("behind", "not ahead", "ahead", or None:
-# the claim is about cost); how many of the best other variants run beyond the middle budget
-# (None: all); the variants, the first being what the rest face.
+# name: the claim; a picture's question; budgets (TFLOP a run); how the variants fare against
+# the first if the claim holds ("behind", "not ahead", "ahead"; None: it is about cost); how
+# many of the best others run beyond the middle budget (None: all); the variants.
 EXPERIMENTS = {
     "coupling_net": dict(
         claim="ViT coupling networks beat CNN ones", question="Do ViT couplings beat CNN ones?",
@@ -141,8 +134,7 @@ def sweep_budget(name: str, args) -> float:
 
 
 # ------------------------------------------------------------------------------------------
-# Running: each (variant, lr, seed, budget) is one train.py run of budget / (FLOPs x batch)
-# steps
+# Running: each (variant, lr, seed, budget) is a train.py run of budget / (FLOPs x batch) steps
 
 def run_key(v: Variant, lr: float | None, seed: int, budget: float | None, args,
             digest: str) -> dict:
@@ -199,10 +191,9 @@ def run_variant(v: Variant, lr: float, seed: int, budget: float, args, image_sha
              f"--steps={steps}", f"--eval_every={every}", f"--ckpt_every={max(1, steps // 5)}",
              f"--log_every={flags.get('log_every', max(1, steps // 10))}",
              f"--workdir={workdir}"]
-    if "train_images" in regime:
-        argv.append(f"--train_images={regime['train_images']}")
-    if "init_from" in regime:
-        argv.append(f"--init_from={os.path.join(args.workdir, 'runs', regime['init_from'])}")
+    argv += [f"--train_images={regime['train_images']}"] if "train_images" in regime else []
+    argv += ([f"--init_from={os.path.join(args.workdir, 'runs', regime['init_from'])}"]
+             if "init_from" in regime else [])
     argv += [f"--{k}={getattr(args, k)}" for k in ("data_dir", "data_md5")
              if getattr(args, k) and "dataset" not in regime]
     print(f"\n=== {v.name} | lr {lr:g} | seed {seed} | {budget:g} TFLOP: {steps} steps of "
@@ -489,25 +480,20 @@ def run_transfer(args, image_shape, digest: str, test: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------------
 # Cost: parameters, FLOPs, time and memory of one training step, measured on this machine
 
-def measure_cost(v: Variant, args, image_shape) -> dict:
-    """One variant's training step at its batch (bench.time_variant_step), as a cost record."""
-    flags = run_flags(v, None, args.quick)
-    path = "jet.forward (fused)" if v.is_jet else "variants' scan (plain)"
-    return {"kind": "cost", "variant": v.name, "path": path, "batch_size": flags["batch_size"],
-            **bench.time_variant_step(v, flags, image_shape), "key": cost_key(v, args)}
-
-
 def measure_costs(names: list[str], args, image_shape) -> None:
-    """Each variant of the experiments once (and the ViT on the plain path), appended to the
-    results file as "cost" records; variants already measured are skipped."""
+    """Each variant's training step at its batch (bench.time_variant_step), the experiments'
+    and the ViT's on the plain path, appended to the results file as "cost" records; variants
+    already measured are skipped."""
     seen = {json.dumps(r["key"], sort_keys=True) for r in read_results(args.results)
             if r.get("kind") == "cost"}
     for v in study_variants(names) + [PLAIN_VIT]:
-        key = json.dumps(cost_key(v, args), sort_keys=True)
-        if key in seen:
+        if (key := json.dumps(cost_key(v, args), sort_keys=True)) in seen:
             continue
         seen.add(key)
-        record = measure_cost(v, args, image_shape)
+        flags = run_flags(v, None, args.quick)
+        record = {"kind": "cost", "variant": v.name, "batch_size": flags["batch_size"],
+                  "path": "jet.forward (fused)" if v.is_jet else "variants' scan (plain)",
+                  **bench.time_variant_step(v, flags, image_shape), "key": cost_key(v, args)}
         print(f"{v.name}: {record['ms_per_step']:.1f} ms/step, {record['memory_mb']:.0f} MB",
               flush=True)
         append_result(args.results, record)
@@ -522,8 +508,6 @@ def study_variants(names: list[str]) -> list[Variant]:
     """The variants of the experiments `names`, each once, in order."""
     return list(dict.fromkeys(v for name in names if name in EXPERIMENTS
                               for v in EXPERIMENTS[name]["variants"]))
-
-
 
 
 # ------------------------------------------------------------------------------------------

@@ -130,11 +130,16 @@ def equal_time(base: dict, rows: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------
 # An experiment: its sweep table, its table with verdicts, trends and equal time, pictures
 
+def no_runs(claim: str, name: str) -> str:
+    """An experiment's text before its first run: the claim and the command that runs it."""
+    return f"Claim: {claim}.\n\nNo runs yet: `python ablate.py --experiment {name}`."
+
+
 def experiment(name: str, e: dict, found: dict, figures: str) -> str:
     """The markdown of one experiment (found: ablate.experiment_rows) and its pictures."""
     rows, first = found["rows"], e["variants"][0].name
     if not rows and not found["sweeps"]:
-        return f"Claim: {e['claim']}.\n\nNo runs yet: `python ablate.py --experiment {name}`."
+        return no_runs(e["claim"], name)
     by_budget = {}
     for r in rows:
         by_budget.setdefault(r["budget"], []).append(r)
@@ -249,7 +254,7 @@ def scarce(claim: str, rows: list[dict], regime: dict, figures: str) -> str:
     """The scarce-data table (rows as ablate.row, with each run's held-out curve [(epoch,
     held-out bpd, training-slice bpd)]) and the held-out curves' picture."""
     if not any(r["bpd"] for r in rows):
-        return f"Claim: {claim}.\n\nNo runs yet: `python ablate.py --experiment scarce_data`."
+        return no_runs(claim, "scarce_data")
     lines = [f"Claim: {claim}.", "",
              "| variant | lr | TFLOP | steps | test bpd per seed | mean | spread | vs base | "
              "best held-out at epoch | end: train / held-out bpd | gap | wall/run |",
@@ -291,7 +296,7 @@ def transfer(claim: str, rows: dict, evals: dict) -> str:
     its bits/dim on the fine-tuning set's test images), each fine-tuned row against from
     scratch at its own FLOPs and at equal compute (compare)."""
     if not any(r for runs in rows.values() for r in runs):
-        return f"Claim: {claim}.\n\nNo runs yet: `python ablate.py --experiment transfer`."
+        return no_runs(claim, "transfer")
     lines = [f"Claim: {claim}.", "",
              "| model | CIFAR-10 training images | TFLOP in all | test bpd per seed | mean | "
              "vs from scratch, same fine-tuning FLOPs | vs from scratch, equal compute |",
@@ -323,7 +328,7 @@ def transfer(claim: str, rows: dict, evals: dict) -> str:
 
 
 def costs(records: list[dict]) -> str:
-    """The cost table: each variant's measured training step (ablate.measure_cost) and the
+    """The cost table: each variant's measured training step (ablate.measure_costs) and the
     path it trains on."""
     if not records:
         return "Not measured yet: `python ablate.py --costs --experiment NAME`."

@@ -15,6 +15,7 @@ usual for utilisation figures).
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import resource
 import sys
@@ -130,17 +131,23 @@ def main(argv=None) -> dict:
     return result
 
 
+def stepping(step_fn, state, images):
+    """train.py's step (step_fn) as a call of no arguments for `timed`, which threads the
+    donated state through the calls, one step number after another."""
+    count, noise = itertools.count(), jax.random.key(1)
+
+    def step():
+        nonlocal state
+        state, out = step_fn(state, images, next(count), noise)
+        return out
+    return step
+
+
 def time_training(cfg, flags, model, images, steps, peak_flops) -> dict:
     """train.py's jitted step: compile time, img/s and the fraction of the matmul peak."""
     step_fn = train.make_train_step(cfg, flags)
     state = train.new_state(*jax.tree.map(jnp.copy, model), train.make_optimizer(flags))
-    count, noise = iter(range(steps + 1)), jax.random.key(1)
-
-    def step():  # threads the donated state through the timed calls
-        nonlocal state
-        state, out = step_fn(state, images, next(count), noise)
-        return out
-    compile_s, seconds = timed(step, steps=steps)
+    compile_s, seconds = timed(stepping(step_fn, state, images), steps=steps)
     batch = images.shape[0]
     return {"compile_s": compile_s, "img_per_s": batch / seconds,
             "utilisation": 3 * timing.forward_flops(cfg) * batch / seconds / peak_flops}
@@ -160,20 +167,16 @@ def time_variant_step(v: variants.Variant, flags: dict, image_shape, steps: int 
     state = train.new_state(params, perms, train.make_optimizer(f))
     images = np.random.default_rng(0).integers(0, 256, (int(flags["batch_size"]),
                                                         *image_shape), np.uint8)
-    key = jax.random.key(0)
-    memory = step_fn.lower(state, images, 0, key).compile().memory_analysis()
-    times = []
-    for i in range(steps + 3):
-        start = time.perf_counter()
-        state, metrics = step_fn(state, images, i, key)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    memory = step_fn.lower(state, images, 0, jax.random.key(1)).compile().memory_analysis()
+    step = stepping(step_fn, state, images)
+    jax.block_until_ready((step(), step()))  # 2 warm-up calls (the first compiles): 3 with timed's
+    _, seconds = timed(step, steps=steps)
     peak = float("nan") if memory is None else (
         memory.argument_size_in_bytes + memory.output_size_in_bytes
         + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-    return {"params": sum(x.size for x in jax.tree.leaves(params)),
-            "gflop_per_image": variants.forward_flops(cfg, v) * 1e-9,
-            "ms_per_step": 1e3 * float(np.median(times[3:])), "memory_mb": peak / 2 ** 20}
+    return {"params": n_params, "gflop_per_image": variants.forward_flops(cfg, v) * 1e-9,
+            "ms_per_step": 1e3 * seconds, "memory_mb": peak / 2 ** 20}
 
 
 def time_inference(cfg, params, perms, images, dtype, steps) -> dict:
